@@ -1,0 +1,48 @@
+"""The interface every ssmlm language model implements.
+
+A model maps token ids to next-token logits in two equivalent ways:
+
+* ``forward(tokens)`` — the parallel form used for training: (batch, L) -> (batch, L, vocab).
+  With ``return_state=True`` it also returns the recurrent state after the last token, so a prompt
+  can be consumed in parallel and generation continued with :meth:`step`.
+* ``step(tokens, state)`` — the recurrent form used for generation: (batch,) -> (batch, vocab), with
+  an O(1)-size state (a KV cache for the Transformer baseline).
+
+``allocate_state`` returns the state before any token. ``step`` over a sequence from that state
+gives the same logits as ``forward`` over it; every family has a test for this.
+
+Optimizer hints: a parameter may carry ``_optim = {"weight_decay": 0.0, "lr": ...}`` (the convention of
+the S4 code base). :func:`ssmlm.lm.build_param_groups` honours it; parameters without it get weight decay
+when they are matrices (ndim >= 2) and none otherwise (biases, norm scales).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def set_optim(param: nn.Parameter, **hints: Any) -> nn.Parameter:
+    """Attach optimizer hints (e.g. ``weight_decay=0.0``, ``lr=1e-3``) to a parameter."""
+    param._optim = dict(getattr(param, "_optim", {}), **hints)  # type: ignore[attr-defined]
+    return param
+
+
+class LanguageModel(nn.Module):
+    """Base class: token embedding in, logits out, with a recurrent twin of the parallel form."""
+
+    vocab_size: int
+
+    def forward(self, tokens: torch.Tensor, state: Any = None, return_state: bool = False):
+        raise NotImplementedError  # abstract: each family defines its parallel form
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> Any:
+        raise NotImplementedError  # abstract
+
+    def step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError  # abstract
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

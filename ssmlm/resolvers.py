@@ -1,0 +1,94 @@
+"""OmegaConf resolvers used by the configs (``${ssmlm.*:...}``). Registered once, on import of ssmlm.train."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ssmlm.errors import ConfigError
+
+
+def detect_hardware(key: str):
+    """What ``hardware=auto`` resolves to on this machine."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if key == "accelerator":
+        return "gpu" if cuda else "cpu"
+    if key == "precision":
+        if not cuda:
+            return "32-true"
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "32-true"
+    if key == "num_workers":
+        # the token windows are cheap to cut, a couple of workers keep a GPU fed; the CPU needs its cores itself
+        return min(4, (os.cpu_count() or 2) // 2) if cuda else 0
+    raise ConfigError(f"unknown hardware key {key!r} in ${{ssmlm.hw:...}}")
+
+
+def _world(devices, num_nodes) -> int:
+    if isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif devices in (None, "auto", -1, "-1"):
+        import torch
+
+        n = max(1, torch.cuda.device_count())
+    else:
+        n = int(devices)
+    return n * int(num_nodes or 1)
+
+
+def split_batch(global_batch: int, micro_batch, devices, num_nodes) -> tuple[int, int]:
+    """(per-device micro-batch, gradient accumulation) keeping ``global_batch`` sequences per optimizer step."""
+    world = _world(devices, num_nodes)
+    global_batch = int(global_batch)
+    if micro_batch in (None, "null"):
+        micro_batch = max(1, global_batch // world)
+    micro_batch = int(micro_batch)
+    per_step = world * micro_batch
+    if global_batch % per_step:
+        raise ConfigError(
+            f"batch_size={global_batch} is not a multiple of devices*num_nodes*hardware.micro_batch_size "
+            f"= {world}*{micro_batch}; pick hardware.micro_batch_size so it divides batch_size/{world}"
+        )
+    return micro_batch, global_batch // per_step
+
+
+def run_id(override_dirname: str) -> str:
+    """A directory name from a run's overrides: readable, filesystem-safe, short, and the same on every rerun."""
+    if not override_dirname:
+        return "default"
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname.replace("/", "-"))
+    if len(name) > 120:
+        name = name[:100] + "-" + hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+    return name
+
+
+def wandb_id(output_dir: str) -> str:
+    """The run's wandb id: created once, stored in the run dir, reused by every restart of the run."""
+    path = Path(output_dir) / "wandb_id.txt"
+    if path.exists():
+        return path.read_text().strip()
+    new_id = secrets.token_hex(4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new_id + "\n")
+    os.replace(tmp, path)
+    return new_id
+
+
+def register() -> None:
+    resolvers = {
+        "ssmlm.hw": detect_hardware,
+        "ssmlm.micro_batch": lambda b, m, d, n: split_batch(b, m, d, n)[0],
+        "ssmlm.grad_accum": lambda b, m, d, n: split_batch(b, m, d, n)[1],
+        "ssmlm.run_id": run_id,
+        "ssmlm.wandb_id": wandb_id,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real data directory and Hydra config composition like the entry point does it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from ssmlm import resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+resolvers.register()
+
+
+def data_dir() -> Path:
+    return (REPO / os.environ.get("SSMLM_DATA_DIR", "../shared/data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = data_dir()
+    if not (d / "hindi" / "premchand" / "train.txt").exists():
+        pytest.skip(f"real data not found under {d} (set SSMLM_DATA_DIR)")
+    return d
+
+
+def compose_cfg(overrides: list[str], output_dir: Path):
+    """The config ssmlm-train would run with these overrides, with its run dir set to ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.data_dir={data_dir()}", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def _make(*overrides: str, output_dir: Path | None = None):
+        return compose_cfg(list(overrides), output_dir or tmp_path / "run")
+
+    return _make
