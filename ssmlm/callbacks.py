@@ -15,6 +15,10 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside it, fsyncs, then renames over the target.
 
@@ -31,6 +35,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -41,14 +46,18 @@ class RNGStateCallback(L.Callback):
     """Saves the Python, NumPy and torch RNG states with each checkpoint and restores them on resume."""
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # tensors and plain numbers only, so checkpoints load with torch.load(weights_only=True)
+        state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                 "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         random.setstate(state_dict["python"])
-        np.random.set_state(state_dict["numpy"])
+        kind, keys, pos, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from ssmlm import resolvers
 
@@ -35,10 +35,11 @@ def compose_cfg(overrides: list[str], output_dir: Path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.data_dir={data_dir()}", *overrides], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
+    OmegaConf.set_readonly(cfg.hydra, False)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
         cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.paths.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
     return cfg
 
 
@@ -48,3 +49,9 @@ def make_cfg(tmp_path):
         return compose_cfg(list(overrides), output_dir or tmp_path / "run")
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def compose_config():
+    """``compose(overrides, output_dir)`` for fixtures wider than one test."""
+    return compose_cfg

@@ -1,0 +1,144 @@
+"""Byte-level token files: a text file tokenised once, in blocks, into a memory-mappable uint16 array.
+
+``<file>.u16.bin`` holds the ids (little-endian uint16, see :class:`~ssmlm.data.tokenizers.ByteTokenizer`)
+and ``<file>.u16.bin.json`` describes the source it was made from. The cache lives next to the source when
+that directory is writable, else in ``cache_dir``.
+
+Freshness check, cheap for multi-GB sources: the cache is reused when the source's size and mtime are
+unchanged *and* a fingerprint of its size, first and last MiB still matches (this catches edits that keep
+size and mtime; an edit in the middle that keeps both is not caught — an accepted blind spot). When only the
+mtime changed (a fresh copy or re-download), the full sha256 decides, so identical content is not
+re-tokenised. A full sha256 at every start would cost seconds per GB, every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ssmlm.data.download import directory_lock, sha256_of, writable_dir
+from ssmlm.data.tokenizers import BOUNDARY_LINE, encode_bytes
+from ssmlm.errors import DataError
+
+FORMAT = "ssmlm-byte-tokens-u16-v1"
+BLOCK = 16 << 20
+FINGERPRINT_BYTES = 1 << 20
+SHOW_PROGRESS_BYTES = 64 << 20
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over the size, the first and the last MiB of a file."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        f.seek(max(size - FINGERPRINT_BYTES, 0))
+        digest.update(f.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()
+
+
+def cache_candidates(source: Path, cache_dir: Path | None) -> list[Path]:
+    """Where the token file of ``source`` may live: next to it, then in ``cache_dir`` (named uniquely)."""
+    candidates = [source.with_name(source.name + ".u16.bin")]
+    if cache_dir is not None:
+        tag = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
+        candidates.append(Path(cache_dir).expanduser() / f"{source.name}.{tag}.u16.bin")
+    return candidates
+
+
+def _meta_path(bin_path: Path) -> Path:
+    return bin_path.with_name(bin_path.name + ".json")
+
+
+def _is_fresh(bin_path: Path, source: Path) -> bool:
+    try:
+        meta = json.loads(_meta_path(bin_path).read_text())
+        st = source.stat()
+        if meta.get("format") != FORMAT or meta["size"] != st.st_size:
+            return False
+        if bin_path.stat().st_size != 2 * meta["num_tokens"]:
+            return False
+        if meta["mtime_ns"] == st.st_mtime_ns:
+            return meta["fingerprint"] == fingerprint(source)
+        if meta["sha256"] != sha256_of(source):
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    meta["mtime_ns"] = st.st_mtime_ns  # same content, new mtime: remember it so the next check is cheap
+    try:
+        _write_json(_meta_path(bin_path), meta)
+    except OSError:
+        pass
+    return True
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def tokenize_file(source: Path, bin_path: Path) -> int:
+    """Stream ``source`` into ``bin_path`` block by block; returns the number of tokens.
+
+    Blocks are cut after their last newline, so a separator line is never split between two blocks;
+    the remainder is carried into the next block.
+    """
+    size = source.stat().st_size
+    digest = hashlib.sha256()
+    num_tokens = 0
+    tmp = bin_path.with_name(f"{bin_path.name}.tmp{os.getpid()}")
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"tokenize {source.name}",
+               disable=size < SHOW_PROGRESS_BYTES)
+    with open(source, "rb") as f, open(tmp, "wb") as out, bar:
+        carry, at_line_start = b"", True
+        while block := f.read(BLOCK):
+            digest.update(block)
+            bar.update(len(block))
+            chunk = carry + block
+            cut = chunk.rfind(b"\n") + 1
+            if cut == 0 and len(chunk) < len(BOUNDARY_LINE):
+                carry = chunk  # too short to decide yet
+                continue
+            if cut == 0:  # a fragment of a long line: no newline, so no separator line inside
+                tokens, carry, next_at_line_start = encode_bytes(chunk, at_line_start), b"", False
+            else:
+                tokens, carry, next_at_line_start = encode_bytes(chunk[:cut], at_line_start), chunk[cut:], True
+            out.write(tokens.tobytes())
+            num_tokens += len(tokens)
+            at_line_start = next_at_line_start
+        tokens = encode_bytes(carry, at_line_start)
+        out.write(tokens.tobytes())
+        num_tokens += len(tokens)
+    os.replace(tmp, bin_path)
+    st = source.stat()
+    _write_json(_meta_path(bin_path), {
+        "format": FORMAT, "source": str(source.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+        "fingerprint": fingerprint(source), "sha256": digest.hexdigest(), "num_tokens": num_tokens})
+    return num_tokens
+
+
+def token_file(source: Path, cache_dir: Path | None, key: str) -> Path:
+    """The fresh token file of ``source``, tokenising it first if no fresh cache exists."""
+    if source.stat().st_size == 0:
+        raise DataError(f"{source} ({key}) is empty. Point {key} at a file with text in it.")
+    candidates = cache_candidates(source, cache_dir)
+    for bin_path in candidates:
+        if bin_path.exists() and _is_fresh(bin_path, source):
+            return bin_path
+    beside, *elsewhere = candidates
+    for bin_path in ([beside] if writable_dir(beside.parent) else []) + elsewhere:
+        try:
+            bin_path.parent.mkdir(parents=True, exist_ok=True)
+            with directory_lock(bin_path.parent):
+                if not (bin_path.exists() and _is_fresh(bin_path, source)):  # another rank may have built it
+                    tokenize_file(source, bin_path)
+            return bin_path
+        except OSError:
+            continue
+    raise DataError(f"cannot write the token cache of {source}: neither its directory nor data.cache_dir "
+                    f"({cache_dir}) is writable. Set data.cache_dir to a writable directory.")
