@@ -81,6 +81,30 @@ def wandb_id(output_dir: str) -> str:
     return new_id
 
 
+def process_rank() -> int:
+    """This process's global rank, from the launcher's environment (srun, torchrun, Lightning's DDP children)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def log_name(stem: str) -> str:
+    """``<stem>.log`` for rank 0, ``<stem>.rank<N>.log`` for the others (each DDP rank logs to its own file)."""
+    rank = process_rank()
+    return f"{stem}.log" if rank == 0 else f"{stem}.rank{rank}.log"
+
+
+def scaled_width(hidden: int, factor: float, multiple: int) -> int:
+    """``hidden * factor`` rounded to the nearest multiple of ``multiple`` (at least ``multiple``).
+
+    Families spend parameters differently per unit of width (a diag-SSM layer ~hidden^2, an S4D layer
+    ~2d^2, a Transformer block ~12d^2), so matching parameter counts at a size preset scales the preset's
+    hidden size by a per-family factor: ``d_model: ${ssmlm.width:${size.hidden},0.645,16}``.
+    """
+    return max(int(multiple), int(multiple) * round(int(hidden) * float(factor) / int(multiple)))
+
+
 def register() -> None:
     resolvers = {
         "ssmlm.hw": detect_hardware,
@@ -88,6 +112,8 @@ def register() -> None:
         "ssmlm.grad_accum": lambda b, m, d, n: split_batch(b, m, d, n)[1],
         "ssmlm.run_id": run_id,
         "ssmlm.wandb_id": wandb_id,
+        "ssmlm.width": scaled_width,
+        "ssmlm.log_name": log_name,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -1,0 +1,273 @@
+"""S4D: a language model built from diagonal state-space layers.
+
+Gu, Gupta, Goel, Re, "On the Parameterization and Initialization of Diagonal State Space Models" (2022).
+Each layer runs H independent single-input single-output SSMs. A real state of size N is kept as
+N/2 complex modes (the other half are their conjugates, so outputs are 2 Re(...)):
+
+    x_t = dA x_{t-1} + dB u_t            dA, dB: (H, N/2) complex, discretised from A and dt
+    y_t = 2 Re(C x_t) + D u_t
+
+Unrolled from a zero state this is a convolution y = K * u + D u with the kernel
+K_l = 2 Re(sum_n C_n dB_n dA_n^l), a Vandermonde product. Training uses the convolution (by FFT),
+generation uses the recurrence; ``S4DLayer`` holds both, and tests check that they agree.
+(B is fixed to 1 and folded into C, as in S4D: a per-mode scale of B is redundant with C.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssmlm.errors import ConfigError
+from ssmlm.models.base import LanguageModel, set_optim
+from ssmlm.ops.fftconv import causal_fft_conv
+
+INITS = ("lin", "inv", "real", "legs")
+DISCRETIZATIONS = ("zoh", "bilinear")
+
+
+def legs_diagonal(N: int) -> torch.Tensor:
+    """Eigenvalues of the normal part of HiPPO-LegS, one of each conjugate pair: (N/2,) complex128.
+
+    LegS is A_nk = -sqrt(2n+1) sqrt(2k+1) (n > k), -(n+1) (n = k), 0 (n < k). Adding P P^T with
+    P_n = sqrt(n + 1/2) leaves -1/2 I + S with S skew-symmetric (the normal-plus-low-rank form of S4),
+    so the eigenvalues are -1/2 + i*w with i*w the eigenvalues of S, in +/- pairs.
+    """
+    n = torch.arange(N, dtype=torch.float64)
+    q = torch.sqrt(2 * n + 1)
+    legs = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(n + 1)
+    p = torch.sqrt(n + 0.5)
+    skew = legs + p[:, None] * p[None, :] + 0.5 * torch.eye(N, dtype=torch.float64)
+    # -iS is Hermitian when S is real skew-symmetric: its real eigenvalues w give S's eigenvalues i*w.
+    w = torch.linalg.eigvalsh(-1j * skew.to(torch.complex128))  # ascending
+    return torch.complex(torch.full((N // 2,), -0.5, dtype=torch.float64), w[N - N // 2:])
+
+
+def init_A(init: str, N: int) -> torch.Tensor:
+    """The N/2 diagonal entries of A (one per conjugate pair) for an S4D initialisation: complex128."""
+    n = torch.arange(N // 2, dtype=torch.float64)
+    half = torch.full_like(n, -0.5)
+    if init == "lin":  # S4D-Lin: frequencies spread linearly, like a Fourier basis
+        return torch.complex(half, math.pi * n)
+    if init == "inv":  # S4D-Inv: an approximation of LegS's frequencies
+        return torch.complex(half, N / math.pi * (N / (2 * n + 1) - 1))
+    if init == "real":  # S4D-Real: decaying exponentials, no oscillation
+        return torch.complex(-(n + 1), torch.zeros_like(n))
+    if init == "legs":
+        return legs_diagonal(N)
+    raise ConfigError(f"model.init={init!r} is not an S4D initialisation; use one of {', '.join(INITS)}")
+
+
+def _powers(log_dA: torch.Tensor, length: int) -> torch.Tensor:
+    """dA^l for l < length: (H, N/2, length) complex."""
+    positions = torch.arange(length, device=log_dA.device, dtype=torch.float32)
+    return torch.exp(log_dA[..., None] * positions)
+
+
+def vandermonde(coef: torch.Tensor, log_dA: torch.Tensor, L: int, chunk: int | None) -> torch.Tensor:
+    """2 Re(sum_n coef[..., h, n] dA[h, n]^l) for l < L, from coef (..., H, N/2): (..., H, L) real.
+
+    Positions go in blocks of ``chunk``: block [lo, lo + c) is (coef dA^lo) times the powers dA^0..dA^(c-1),
+    so only one (H, N/2, chunk) power tensor ever exists, in the forward pass and (saved once, shared by
+    all blocks) for backward. ``chunk=None`` computes all L powers at once.
+    """
+    H, modes = log_dA.shape
+    lead = coef.shape[:-2]
+    coef = coef.reshape(-1, H, modes).transpose(0, 1)  # (H, M, N/2): batched matmul over channels
+    powers = _powers(log_dA, L if chunk is None else min(chunk, L))
+    block = powers.shape[-1]
+    out = []
+    for lo in range(0, L, block):
+        shifted = coef * torch.exp(log_dA * lo)[:, None, :]
+        out.append(torch.bmm(shifted, powers[..., : min(block, L - lo)]).real)
+    out = 2 * torch.cat(out, dim=-1)  # (H, M, L)
+    return out.transpose(0, 1).reshape(*lead, H, L)
+
+
+def final_state(u: torch.Tensor, log_dA: torch.Tensor, dB: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """The state after reading u (batch, H, L) from a zero state: sum_t dA^(L-1-t) dB u_t, (batch, H, N/2).
+
+    In closed form instead of a loop over t, and by blocks of positions like :func:`vandermonde`:
+    for t in [lo, hi), dA^(L-1-t) = dA^(L-hi) dA^(hi-1-t).
+    """
+    L = u.shape[-1]
+    powers = _powers(log_dA, L if chunk is None else min(chunk, L))
+    block = powers.shape[-1]
+    x = u.new_zeros(u.shape[0], *log_dA.shape, dtype=log_dA.dtype)
+    for hi in range(L, 0, -block):
+        lo = max(0, hi - block)
+        reversed_u = u[..., lo:hi].flip(-1).to(log_dA.dtype)  # index j = hi-1-t
+        x = x + torch.exp(log_dA * (L - hi)) * torch.einsum("bhj,hnj->bhn", reversed_u, powers[..., : hi - lo])
+    return x * dB
+
+
+class S4DLayer(nn.Module):
+    """One S4D layer on (batch, L, H): SSM convolution + D skip -> GELU -> dropout -> Linear(H, 2H) -> GLU.
+
+    ``bidirectional`` adds a second kernel run backwards in time (non-causal use only: it has no
+    recurrent form). ``kernel_chunk`` bounds the memory of computing kernels and states (see
+    :func:`vandermonde`); it changes nothing else.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, init: str = "lin", discretization: str = "zoh",
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.0, bidirectional: bool = False,
+                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024):
+        super().__init__()
+        if d_state < 2 or d_state % 2:
+            raise ConfigError(f"model.d_state={d_state} must be a positive even number (N/2 conjugate pairs)")
+        if discretization not in DISCRETIZATIONS:
+            raise ConfigError(f"model.discretization={discretization!r}: use one of {', '.join(DISCRETIZATIONS)}")
+        if not 0 < dt_min <= dt_max:
+            raise ConfigError(f"model.dt_min={dt_min}, model.dt_max={dt_max}: need 0 < dt_min <= dt_max")
+        if kernel_chunk is not None and kernel_chunk < 1:
+            raise ConfigError(f"model.kernel_chunk={kernel_chunk} must be a positive int or null (unchunked)")
+        self.d_model, self.d_state = d_model, d_state
+        self.discretization, self.bidirectional, self.kernel_chunk = discretization, bidirectional, kernel_chunk
+        H, modes = d_model, d_state // 2
+
+        # dt log-uniform in [dt_min, dt_max] per channel; A stored as log(-Re A) so Re A stays negative.
+        log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        A = init_A(init, d_state).expand(H, modes).contiguous()
+        self.log_dt = nn.Parameter(log_dt)
+        self.log_A_real = nn.Parameter(torch.log(-A.real).float())
+        self.A_imag = nn.Parameter(A.imag.float())
+        # The S4 recipe: the SSM's own parameters get no weight decay and their own (smaller) learning rate.
+        hints = {"weight_decay": 0.0} if ssm_lr is None else {"weight_decay": 0.0, "lr": ssm_lr}
+        for p in (self.log_dt, self.log_A_real, self.A_imag):
+            set_optim(p, **hints)
+
+        kernels = 2 if bidirectional else 1
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(kernels, H, modes, dtype=torch.cfloat)))
+        self.D = nn.Parameter(torch.randn(H))
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(H, 2 * H)
+
+    def discretise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """log dA and dB (with B = 1), both (H, N/2) complex."""
+        A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
+        dt = torch.exp(self.log_dt)[:, None]
+        dtA = A * dt
+        if self.discretization == "zoh":
+            return dtA, (torch.exp(dtA) - 1) / A
+        # bilinear (Tustin): dA = (1 + dtA/2) / (1 - dtA/2), dB = dt / (1 - dtA/2)
+        return torch.log((1 + dtA / 2) / (1 - dtA / 2)), dt / (1 - dtA / 2)
+
+    def kernel(self, L: int) -> torch.Tensor:
+        """The convolution kernel(s) K: (kernels, H, L), kernels = 2 when bidirectional."""
+        log_dA, dB = self.discretise()
+        return vandermonde(torch.view_as_complex(self.C) * dB, log_dA, L, self.kernel_chunk)
+
+    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
+        """u: (batch, L, H). With ``state`` (batch, H, N/2) the sequence continues from it."""
+        if self.bidirectional and (state is not None or return_state):
+            raise ConfigError("a bidirectional S4D layer has no recurrent state: set model.bidirectional=false")
+        L = u.shape[1]
+        u_ch = u.transpose(1, 2).to(torch.promote_types(u.dtype, torch.float32))  # (batch, H, L), fp32 at least
+        log_dA, dB = self.discretise()
+        C = torch.view_as_complex(self.C)
+        K = vandermonde(C * dB, log_dA, L, self.kernel_chunk)
+        y = causal_fft_conv(u_ch, K[0], self.D)
+        if self.bidirectional:  # anti-causal part: y_t += sum_{s>=1} K1_{s-1} u_{t+s}
+            K_back = F.pad(K[1], (1, 0))[:, :L]
+            y = y + causal_fft_conv(u_ch.flip(-1), K_back).flip(-1)
+        if state is not None:  # the initial state's contribution 2 Re(C dA^(t+1) x0)
+            y = y + vandermonde(C[0] * torch.exp(log_dA) * state, log_dA, L, self.kernel_chunk)
+        y = self.dropout(F.gelu(y)).transpose(1, 2)
+        y = F.glu(self.out_proj(y.to(u.dtype)), dim=-1)
+        if not return_state:
+            return y
+        new_state = final_state(u_ch, log_dA, dB, self.kernel_chunk)
+        if state is not None:
+            new_state = new_state + torch.exp(log_dA * L) * state
+        return y, new_state
+
+    def allocate_state(self, batch_size: int, device=None) -> torch.Tensor:
+        dtype = torch.promote_types(self.log_dt.dtype, torch.complex64)  # complex64, or complex128 in fp64
+        return torch.zeros(batch_size, self.d_model, self.d_state // 2, dtype=dtype, device=device)
+
+    def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token: u (batch, H), state (batch, H, N/2) -> (y (batch, H), new state)."""
+        if self.bidirectional:
+            raise ConfigError("a bidirectional S4D layer has no recurrent form: set model.bidirectional=false")
+        log_dA, dB = self.discretise()
+        u_hi = u.to(torch.promote_types(u.dtype, torch.float32))
+        state = torch.exp(log_dA) * state + dB * u_hi[..., None]
+        y = 2 * (torch.view_as_complex(self.C)[0] * state).real.sum(-1) + self.D * u_hi
+        y = self.dropout(F.gelu(y))
+        return F.glu(self.out_proj(y.to(u.dtype)), dim=-1), state
+
+
+class S4DBlock(nn.Module):
+    """Pre-norm residual block: x + dropout(S4D(LayerNorm(x)))."""
+
+    def __init__(self, d_model: int, dropout: float, **layer_kwargs):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.ssm = S4DLayer(d_model, dropout=dropout, **layer_kwargs)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, state=None, return_state=False):
+        out = self.ssm(self.norm(x), state, return_state)
+        if return_state:
+            out, state = out
+        x = x + self.dropout(out)
+        return (x, state) if return_state else x
+
+    def allocate_state(self, batch_size, device=None):
+        return self.ssm.allocate_state(batch_size, device)
+
+    def step(self, x, state):
+        out, state = self.ssm.step(self.norm(x), state)
+        return x + self.dropout(out), state
+
+
+class S4DLM(LanguageModel):
+    """Embedding -> n_layers x S4DBlock -> LayerNorm -> linear head.
+
+    The recurrent state is a list with one complex (batch, d_model, d_state/2) tensor per layer.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, d_state: int = 64, init: str = "lin",
+                 discretization: str = "zoh", dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.1,
+                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024, bidirectional: bool = False):
+        super().__init__()
+        if bidirectional:
+            raise ConfigError("model.bidirectional=true lets every position see later tokens, which a language "
+                              "model must not; set model.bidirectional=false (S4DLayer supports it for non-causal use)")
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(
+            S4DBlock(d_model, dropout, d_state=d_state, init=init, discretization=discretization, dt_min=dt_min,
+                     dt_max=dt_max, ssm_lr=ssm_lr, kernel_chunk=kernel_chunk)
+            for _ in range(n_layers)
+        )
+        self.norm_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def forward(self, tokens, state=None, return_state=False):
+        x = self.embedding(tokens)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            out = block(x, None if state is None else state[i], return_state)
+            if return_state:
+                out, layer_state = out
+                new_state.append(layer_state)
+            x = out
+        logits = self.head(self.norm_f(x))
+        return (logits, new_state) if return_state else logits
+
+    def allocate_state(self, batch_size, device=None, dtype=None):
+        """dtype is ignored: the state is complex64 (complex128 for an fp64 model) whatever the activations'."""
+        device = device if device is not None else self.embedding.weight.device
+        return [block.allocate_state(batch_size, device) for block in self.blocks]
+
+    def step(self, tokens, state):
+        x = self.embedding(tokens)
+        new_state = []
+        for block, layer_state in zip(self.blocks, state):
+            x, layer_state = block.step(x, layer_state)
+            new_state.append(layer_state)
+        return self.head(self.norm_f(x)), new_state

@@ -1,0 +1,116 @@
+"""Transformer baseline: KV-cache generation equals the parallel forward; positions; config sizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ssmlm.errors import ConfigError
+from ssmlm.models.transformer import TransformerLM, rope_rotate
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
+
+
+def small_lm(**kwargs):
+    torch.manual_seed(0)
+    defaults = dict(vocab_size=17, d_model=16, n_layers=2, head_dim=8, max_seq_len=32, dropout=0.0)
+    return TransformerLM(**{**defaults, **kwargs}).eval()
+
+
+def run_steps(model, tokens, state):
+    logits = []
+    for t in range(tokens.shape[1]):
+        out, state = model.step(tokens[:, t], state)
+        logits.append(out)
+    return torch.stack(logits, dim=1), state
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_step_equals_forward(pos_emb):
+    model = small_lm(pos_emb=pos_emb)
+    tokens = torch.randint(0, 17, (2, 21))
+    with torch.no_grad():
+        full = model(tokens)
+        stepped, cache = run_steps(model, tokens, model.allocate_state(2))
+        torch.testing.assert_close(stepped, full, atol=1e-4, rtol=0)
+        assert cache.length == 21
+        # prompt in parallel (fills a fresh cache), then token by token
+        prompt_logits, cache = model(tokens[:, :9], return_state=True)
+        assert cache.length == 9 and cache.capacity == 32
+        rest, cache = run_steps(model, tokens[:, 9:], cache)
+        torch.testing.assert_close(torch.cat([prompt_logits, rest], 1), full, atol=1e-4, rtol=0)
+        # several tokens in parallel after a cached prefix (the offset causal mask)
+        _, cache = model(tokens[:, :5], return_state=True)
+        cont = model(tokens[:, 5:], state=cache)
+        torch.testing.assert_close(cont, full[:, 5:], atol=1e-4, rtol=0)
+
+
+def test_full_cache_is_a_clear_error():
+    model = small_lm(max_seq_len=8)
+    tokens = torch.randint(0, 17, (1, 8))
+    with torch.no_grad():
+        _, cache = model(tokens, return_state=True)
+        with pytest.raises(ConfigError, match="KV cache full.*max_seq_len"):
+            model.step(tokens[:, 0], cache)
+        with pytest.raises(ConfigError, match="max_seq_len"):
+            model(torch.randint(0, 17, (1, 9)), return_state=True)
+
+
+def test_positions_beyond_max_seq_len():
+    tokens = torch.randint(0, 17, (1, 40))
+    with pytest.raises(ConfigError, match="learned positions"):
+        small_lm(pos_emb="learned")(tokens)
+    assert small_lm(pos_emb="rope")(tokens).shape == (1, 40, 17)  # rotary needs no table
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_causal_future_token_does_not_change_past_logits(pos_emb):
+    model = small_lm(pos_emb=pos_emb)
+    tokens = torch.randint(0, 17, (1, 20))
+    changed = tokens.clone()
+    changed[0, 12] = (tokens[0, 12] + 1) % 17
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], atol=0, rtol=0)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    score = lambda i, j: (rope_rotate(q, torch.tensor([i])) * rope_rotate(k, torch.tensor([j]))).sum()
+    torch.testing.assert_close(score(3, 1), score(10, 8))
+    assert not torch.allclose(score(3, 1), score(3, 2))
+
+
+def test_gradients_reach_every_parameter():
+    model = small_lm(pos_emb="learned", tie_embeddings=True).train()
+    tokens = torch.randint(0, 17, (2, 12))
+    torch.nn.functional.cross_entropy(model(tokens).reshape(-1, 17), tokens.reshape(-1)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert model.head.weight is model.embedding.weight
+
+
+def test_bad_config_values():
+    with pytest.raises(ConfigError, match="model.head_dim"):
+        TransformerLM(17, d_model=20, n_layers=1, head_dim=8)
+    with pytest.raises(ConfigError, match="model.pos_emb"):
+        TransformerLM(17, d_model=16, n_layers=1, head_dim=8, pos_emb="alibi")
+
+
+@pytest.mark.parametrize("vocab", [141, 257])
+def test_config_matches_reference_param_count(vocab):
+    model_cfg = OmegaConf.load(REPO / "conf/model/transformer.yaml")
+    for e, h, n in PRESETS.values():
+        cfg = OmegaConf.create({"size": {"emb_dim": e, "hidden": h, "n_layers": n, "dropout": 0.1},
+                                "data": {"seq_len": 512}, "model": model_cfg})
+        model = instantiate(cfg.model, vocab_size=vocab)
+        reference = vocab * e + e * h + n * (h * h + 4 * h) + h * vocab
+        assert 0.85 < model.num_params() / reference < 1.15, (h, model.num_params(), reference)
+        assert model.max_seq_len == 512 and len(model.blocks) == n
