@@ -22,14 +22,15 @@ IGNORE_INDEX = -100
 
 
 def build_param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices only, never biases/norm scales; parameters' ``_optim`` hints override."""
+    """AdamW groups: decay matrices only, never biases/norm scales; parameters' ``_optim`` hints override
+    (``weight_decay``, an absolute ``lr``, or ``lr_scale`` times the global lr)."""
     groups: dict[tuple, list] = {}
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
         hints = dict(getattr(p, "_optim", {}))
         wd = hints.get("weight_decay", weight_decay if p.ndim >= 2 else 0.0)
-        group_lr = hints.get("lr") or lr
+        group_lr = hints.get("lr") or lr * hints.get("lr_scale", 1.0)
         groups.setdefault((wd, group_lr), []).append(p)
     return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]
 

@@ -76,3 +76,20 @@ def test_stable_a_stays_in_unit_interval_and_no_decay_on_dynamics():
     assert float(a.max()) <= 1.0 and float(a.min()) > 0
     for p in (ssm.a_raw, ssm.b, ssm.c):
         assert p._optim["weight_decay"] == 0.0
+
+
+def test_stable_a_gets_an_lr_that_undoes_the_sigmoid_slope():
+    from ssmlm.lm import build_param_groups
+
+    stable = DiagSSMLM(vocab_size=10, emb_dim=8, ssm_hidden=8, n_layers=1, a_init=0.9)
+    groups = build_param_groups(stable, lr=1e-3, weight_decay=0.1)
+    a_group = next(g for g in groups if any(p is stable.blocks[0].ssm.a_raw for p in g["params"]))
+    assert a_group["lr"] == pytest.approx(1e-3 / (0.9 * 0.1)) and a_group["weight_decay"] == 0.0
+    # one Adam-sized step on a_raw then moves a by about the global lr, like the unconstrained reference
+    slope = 0.9 * 0.1
+    assert a_group["lr"] * slope == pytest.approx(1e-3)
+    plain = DiagSSMLM(vocab_size=10, emb_dim=8, ssm_hidden=8, n_layers=1, a_param="unconstrained")
+    groups = build_param_groups(plain, lr=1e-3, weight_decay=0.1)
+    assert {g["lr"] for g in groups} == {1e-3}
+    decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert all(p.ndim >= 2 for p in decayed) and decayed

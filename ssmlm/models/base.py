@@ -11,8 +11,8 @@ A model maps token ids to next-token logits in two equivalent ways:
 ``allocate_state`` returns the state before any token. ``step`` over a sequence from that state
 gives the same logits as ``forward`` over it; every family has a test for this.
 
-Optimizer hints: a parameter may carry ``_optim = {"weight_decay": 0.0, "lr": ...}`` (the convention of
-the S4 code base). :func:`ssmlm.lm.build_param_groups` honours it; parameters without it get weight decay
+Optimizer hints: a parameter may carry ``_optim = {"weight_decay": 0.0, "lr": ..., "lr_scale": ...}`` (the
+convention of the S4 code base; ``lr_scale`` multiplies the global lr). :func:`ssmlm.lm.build_param_groups` honours it; parameters without it get weight decay
 when they are matrices (ndim >= 2) and none otherwise (biases, norm scales).
 """
 
