@@ -166,7 +166,12 @@ def generate(cfg) -> list[str]:
     sampling = Sampling(temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p))
     prompt_ids = encode_prompt(tokenizer, str(cfg.prompt), bool(cfg.allow_unk))
     limit = getattr(model, "max_seq_len", None)  # a KV cache's capacity; the last new token is never fed back
-    if limit is not None and len(prompt_ids) + cfg.max_new_tokens - 1 > limit:
+    needed = len(prompt_ids) + cfg.max_new_tokens - 1
+    if limit is not None and needed > limit and getattr(model, "pos_emb", None) == "rope":
+        # rotary positions have no table: only the cache is sized by max_seq_len, so make it as long as needed
+        print(f"# note: generating {needed} positions, past the {limit} the model was trained on", file=sys.stderr)
+        model.max_seq_len = limit = needed
+    if limit is not None and needed > limit:
         raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens={cfg.max_new_tokens} exceed the "
                           f"model's max_seq_len={limit} (its KV cache); lower max_new_tokens or shorten the prompt")
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))

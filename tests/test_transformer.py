@@ -114,3 +114,19 @@ def test_config_matches_reference_param_count(vocab):
         reference = vocab * e + e * h + n * (h * h + 4 * h) + h * vocab
         assert 0.85 < model.num_params() / reference < 1.15, (h, model.num_params(), reference)
         assert model.max_seq_len == 512 and len(model.blocks) == n
+
+
+def test_rope_cache_can_be_sized_past_the_training_length_for_generation():
+    """ssmlm-generate raises max_seq_len of a rope model to fit prompt + new tokens: only the cache grows."""
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=30, d_model=32, n_layers=2, head_dim=16, max_seq_len=8, dropout=0.0).eval()
+    tokens = torch.randint(0, 30, (2, 20))
+    model.max_seq_len = 20
+    with torch.no_grad():
+        full = model(tokens)
+        state = model.allocate_state(2)
+        stepped = []
+        for t in range(20):
+            logits, state = model.step(tokens[:, t], state)
+            stepped.append(logits)
+    torch.testing.assert_close(torch.stack(stepped, 1), full, atol=1e-4, rtol=1e-4)
