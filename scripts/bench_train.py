@@ -100,14 +100,24 @@ def compose_model(model: str, preset: str, seq_len: int, overrides=()):
     return hydra.utils.instantiate(cfg.model, vocab_size=257), cfg
 
 
-def mambapy_lm(cfg):
-    """mambapy's Mamba LM with the same d_model, layers, N, expand and conv as our config (its pscan scan)."""
-    from mambapy.lm import LM
-    from mambapy.mamba import MambaConfig
+class MambapyLM(torch.nn.Module):
+    """mambapy's Mamba stack (its pscan scan) with embedding, final RMSNorm and head, as its own LM class has;
+    built here because mambapy.lm also imports its Mamba-2 module, which needs mamba_ssm."""
 
-    m = cfg.model
-    return LM(MambaConfig(d_model=int(m.d_model), n_layers=int(m.n_layers), d_state=int(m.d_state),
-                          expand_factor=int(m.expand), d_conv=int(m.d_conv), pscan=True), vocab_size=257)
+    def __init__(self, cfg):
+        super().__init__()
+        from mambapy.mamba import Mamba, MambaConfig, RMSNorm
+
+        m = cfg.model
+        config = MambaConfig(d_model=int(m.d_model), n_layers=int(m.n_layers), d_state=int(m.d_state),
+                             expand_factor=int(m.expand), d_conv=int(m.d_conv), pscan=True)
+        self.embedding = torch.nn.Embedding(257, config.d_model)
+        self.mamba = Mamba(config)
+        self.norm_f = RMSNorm(config.d_model, config.rms_norm_eps, config.mup)
+        self.lm_head = torch.nn.Linear(config.d_model, 257, bias=False)
+
+    def forward(self, tokens):
+        return self.lm_head(self.norm_f(self.mamba(self.embedding(tokens))))
 
 
 def train_step_speed(net, batch: int, seq_len: int, device, steps: int = 10) -> dict:
@@ -135,7 +145,7 @@ def train_step_speed(net, batch: int, seq_len: int, device, steps: int = 10) -> 
             "params": sum(p.numel() for p in net.parameters())}
 
 
-def lm_sweep(device, presets, seq_lens) -> list[dict]:
+def lm_sweep(device, presets, seq_lens, only=()) -> list[dict]:
     rows = []
     for preset in presets:
         for L in seq_lens:
@@ -144,13 +154,14 @@ def lm_sweep(device, presets, seq_lens) -> list[dict]:
                 candidates.append((f"mamba[{backend}]", lambda b=backend: compose_model(
                     "mamba", preset, L, [f"hardware.scan_backend={b}"])[0]))
             try:
-                import mambapy  # noqa: F401
+                import mambapy.mamba  # noqa: F401
 
-                candidates.append(("mambapy", lambda: mambapy_lm(compose_model("mamba", preset, L)[1])))
+                candidates.append(("mambapy", lambda: MambapyLM(compose_model("mamba", preset, L)[1])))
             except ImportError:
                 pass
             candidates.append(("transformer", lambda: compose_model("transformer", preset, L,
                                                                     [f"model.max_seq_len={L}"])[0]))
+            candidates = [c for c in candidates if not only or c[0] in only]
             _, cfg = compose_model("mamba", preset, L)
             batch = int(cfg.batch_size)
             for name, build in candidates:
@@ -193,6 +204,8 @@ def main():
     p.add_argument("--lm-sweep", action="store_true", help="part 3: Mamba LM backends vs mambapy vs Transformer")
     p.add_argument("--lm-presets", nargs="+", default=["small", "large"])
     p.add_argument("--lm-seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--lm-models", nargs="*", default=[],
+                   help="subset of mamba[triton] mamba[chunked] mambapy transformer (default: all)")
     p.add_argument("--train-steps", type=int, default=200)
     p.add_argument("--train-overrides", nargs="*", default=[], help="ssmlm-train overrides (default experiment)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -213,7 +226,7 @@ def main():
               f"({result['training']['params'] / 1e6:.3f}M params)")
     if args.lm_sweep:
         print("LM training step (bf16 autocast, AdamW), byte vocabulary, preset batch sizes:")
-        result["lm_sweep"] = lm_sweep(device, args.lm_presets, args.lm_seq_lens)
+        result["lm_sweep"] = lm_sweep(device, args.lm_presets, args.lm_seq_lens, args.lm_models)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
