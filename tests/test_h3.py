@@ -1,0 +1,123 @@
+"""H3 family: shift filter, convolution/recurrence equivalence, causality, gradients, config sizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ssmlm.errors import ConfigError
+from ssmlm.models.h3 import H3Layer, H3LM
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
+
+
+def small_lm(**kwargs):
+    torch.manual_seed(0)
+    defaults = dict(vocab_size=17, d_model=8, n_layers=2, d_state=6, dropout=0.0, kernel_chunk=5)
+    return H3LM(**{**defaults, **kwargs}).eval()
+
+
+def run_steps(model, tokens, state):
+    logits = []
+    for t in range(tokens.shape[1]):
+        out, state = model.step(tokens[:, t], state)
+        logits.append(out)
+    return torch.stack(logits, dim=1), state
+
+
+def assert_states_close(mine, ref):
+    for (shift_a, diag_a), (shift_b, diag_b) in zip(mine, ref, strict=True):
+        torch.testing.assert_close(shift_a, shift_b, atol=1e-4, rtol=0)
+        torch.testing.assert_close(diag_a, diag_b, atol=1e-4, rtol=0)
+
+
+def test_shift_ssm_is_a_causal_filter_over_the_last_n_inputs():
+    torch.manual_seed(0)
+    layer = H3Layer(3, d_state=4).double()
+    with torch.no_grad():  # isolate the shift filter: Q = V = 1, K = u, diagonal SSM = identity (C = 0, D = 1)
+        layer.in_proj.weight.zero_()
+        layer.in_proj.weight[3:6] = torch.eye(3)  # in_proj rows: [0:3] -> Q, [3:6] -> K, [6:9] -> V
+        layer.in_proj.bias.copy_(torch.tensor([1.0] * 3 + [0.0] * 3 + [1.0] * 3))
+        layer.C.zero_()
+        layer.D.fill_(1)
+        layer.out_proj.weight.copy_(torch.eye(3))
+        layer.out_proj.bias.zero_()
+        u = torch.randn(2, 9, 3, dtype=torch.float64)
+        y = layer(u)
+    w = layer.shift_kernel.detach()
+    expected = torch.zeros_like(u)
+    for t in range(9):
+        for j in range(min(4, t + 1)):
+            expected[:, t] += w[:, j] * u[:, t - j]
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("mlp_expand", [0, 2])
+def test_step_equals_forward(mlp_expand):
+    model = small_lm(mlp_expand=mlp_expand)
+    tokens = torch.randint(0, 17, (2, 23))
+    with torch.no_grad():
+        full = model(tokens)
+        stepped, last = run_steps(model, tokens, model.allocate_state(2))
+        torch.testing.assert_close(stepped, full, atol=1e-4, rtol=0)
+        # a prompt read in parallel, then stepped: logits and states continue exactly
+        prompt_logits, state = model(tokens[:, :11], return_state=True)
+        rest, state = run_steps(model, tokens[:, 11:], state)
+        torch.testing.assert_close(torch.cat([prompt_logits, rest], 1), full, atol=1e-4, rtol=0)
+        assert_states_close(state, last)
+        # forward continuing from a state, including a prefix shorter than the shift register
+        _, prefix_state = model(tokens[:, :3], return_state=True)
+        cont, cont_state = model(tokens[:, 3:], state=prefix_state, return_state=True)
+        torch.testing.assert_close(cont, full[:, 3:], atol=1e-4, rtol=0)
+        assert_states_close(cont_state, last)
+
+
+def test_causal_future_token_does_not_change_past_logits():
+    model = small_lm().double()
+    tokens = torch.randint(0, 17, (1, 20))
+    changed = tokens.clone()
+    changed[0, 12] = (tokens[0, 12] + 1) % 17
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], atol=1e-10, rtol=0)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
+
+
+def test_gradients_reach_every_parameter():
+    model = small_lm().train()
+    tokens = torch.randint(0, 17, (2, 12))
+    _, state = model(tokens[:, :5], return_state=True)
+    logits = model(tokens[:, 5:], state=state)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 17), tokens[:, 5:].reshape(-1)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_optimizer_hints_and_bad_sizes():
+    layer = H3Layer(4, d_state=8, ssm_lr=2e-3)
+    for p in (layer.log_dt, layer.log_A_real, layer.A_imag):
+        assert p._optim == {"weight_decay": 0.0, "lr": 2e-3}
+    assert getattr(layer.shift_kernel, "_optim", None) is None
+    with pytest.raises(ConfigError, match="model.d_state"):
+        H3Layer(4, d_state=5)
+    with pytest.raises(ConfigError, match="model.init"):
+        H3Layer(4, d_state=8, init="hippo")
+    with pytest.raises(ConfigError, match="model.mlp_expand"):
+        H3LM(17, 8, 1, mlp_expand=-1)
+
+
+@pytest.mark.parametrize("vocab", [141, 257])
+def test_config_matches_reference_param_count(vocab):
+    model_cfg = OmegaConf.load(REPO / "conf/model/h3.yaml")
+    for e, h, n in PRESETS.values():
+        cfg = OmegaConf.create({"size": {"emb_dim": e, "hidden": h, "n_layers": n, "dropout": 0.1},
+                                "model": model_cfg})
+        model = instantiate(cfg.model, vocab_size=vocab)
+        reference = vocab * e + e * h + n * (h * h + 6 * h) + h * vocab + vocab
+        assert 0.85 < model.num_params() / reference < 1.15, (h, model.num_params(), reference)
+        assert isinstance(model, H3LM) and len(model.blocks) == n

@@ -1,0 +1,128 @@
+"""S5 family: HiPPO-N init, convolution/recurrence equivalence, causality, gradients, config sizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ssmlm.errors import ConfigError
+from ssmlm.models.hippo import dplr
+from ssmlm.models.s5 import S5Layer, S5LM, causal_mode_conv, hippo_n_init
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
+
+
+def small_lm(**kwargs):
+    torch.manual_seed(0)
+    defaults = dict(vocab_size=17, d_model=8, n_layers=2, d_state=8, dropout=0.0)
+    return S5LM(**{**defaults, **kwargs}).eval()
+
+
+def run_steps(model, tokens, state):
+    logits = []
+    for t in range(tokens.shape[1]):
+        out, state = model.step(tokens[:, t], state)
+        logits.append(out)
+    return torch.stack(logits, dim=1), state
+
+
+def test_causal_mode_conv_matches_recurrence():
+    torch.manual_seed(0)
+    bu = torch.randn(2, 19, 5, dtype=torch.complex128)
+    log_dA = torch.complex(-torch.rand(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64))
+    x, expected = torch.zeros(2, 5, dtype=torch.complex128), []
+    for t in range(19):
+        x = torch.exp(log_dA) * x + bu[:, t]
+        expected.append(x)
+    torch.testing.assert_close(causal_mode_conv(bu, log_dA), torch.stack(expected, 1))
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_hippo_n_init_is_block_diagonal_legs_normal_part(blocks):
+    Lambda, V = hippo_n_init(16, blocks)
+    size = 16 // blocks
+    block_Lambda = dplr("legs", size)[0][size // 2:]
+    torch.testing.assert_close(Lambda, block_Lambda.repeat(blocks))
+    assert V.shape == (16, 8) and torch.allclose(Lambda.real, torch.tensor(-0.5, dtype=torch.float64))
+    # columns are orthonormal eigenvectors, zero outside their own block
+    torch.testing.assert_close(V.conj().T @ V, torch.eye(8, dtype=torch.complex128), atol=1e-10, rtol=0)
+    if blocks == 2:
+        assert V[:8, 4:].abs().max() == 0 and V[8:, :4].abs().max() == 0
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_step_equals_forward(blocks):
+    model = small_lm(blocks=blocks)
+    tokens = torch.randint(0, 17, (2, 23))
+    with torch.no_grad():
+        full = model(tokens)
+        stepped, last = run_steps(model, tokens, model.allocate_state(2))
+        torch.testing.assert_close(stepped, full, atol=1e-4, rtol=0)
+        # a prompt read in parallel, then stepped: logits and states continue exactly
+        prompt_logits, state = model(tokens[:, :11], return_state=True)
+        rest, state = run_steps(model, tokens[:, 11:], state)
+        torch.testing.assert_close(torch.cat([prompt_logits, rest], 1), full, atol=1e-4, rtol=0)
+        for mine, ref in zip(state, last, strict=True):
+            torch.testing.assert_close(mine, ref, atol=1e-4, rtol=0)
+        # forward continuing from a state
+        _, prefix_state = model(tokens[:, :6], return_state=True)
+        cont, cont_state = model(tokens[:, 6:], state=prefix_state, return_state=True)
+        torch.testing.assert_close(cont, full[:, 6:], atol=1e-4, rtol=0)
+        for mine, ref in zip(cont_state, last, strict=True):
+            torch.testing.assert_close(mine, ref, atol=1e-4, rtol=0)
+
+
+def test_causal_future_token_does_not_change_past_logits():
+    model = small_lm().double()
+    tokens = torch.randint(0, 17, (1, 20))
+    changed = tokens.clone()
+    changed[0, 12] = (tokens[0, 12] + 1) % 17
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], atol=1e-10, rtol=0)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
+
+
+def test_gradients_reach_every_parameter():
+    model = small_lm().train()
+    tokens = torch.randint(0, 17, (2, 12))
+    _, state = model(tokens[:, :5], return_state=True)
+    logits = model(tokens[:, 5:], state=state)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 17), tokens[:, 5:].reshape(-1)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_dt_log_uniform_and_optimizer_hints():
+    layer = S5Layer(4, d_state=4096, blocks=64, dt_min=1e-3, dt_max=1e-1, ssm_lr=2e-3)
+    dt = layer.log_dt.exp()
+    assert dt.shape == (2048,) and dt.min() >= 1e-3 and dt.max() <= 1e-1
+    assert 0.45 < (dt < 1e-2).float().mean() < 0.55
+    for p in (layer.log_dt, layer.log_Lambda_real, layer.Lambda_imag):
+        assert p._optim == {"weight_decay": 0.0, "lr": 2e-3}
+    assert getattr(layer.B, "_optim", None) is None
+    assert S5Layer(4, d_state=8, ssm_lr=None).log_dt._optim == {"weight_decay": 0.0}
+
+
+def test_bad_sizes_are_config_errors():
+    with pytest.raises(ConfigError, match="model.d_state"):
+        S5Layer(4, d_state=6, blocks=2)
+    with pytest.raises(ConfigError, match="model.dt_min"):
+        S5Layer(4, d_state=8, dt_min=0.2, dt_max=0.1)
+
+
+@pytest.mark.parametrize("vocab", [141, 257])
+def test_config_matches_reference_param_count(vocab):
+    model_cfg = OmegaConf.load(REPO / "conf/model/s5.yaml")
+    for e, h, n in PRESETS.values():
+        cfg = OmegaConf.create({"size": {"emb_dim": e, "hidden": h, "n_layers": n, "dropout": 0.1},
+                                "model": model_cfg})
+        model = instantiate(cfg.model, vocab_size=vocab)
+        reference = vocab * e + e * h + n * (h * h + 6 * h) + h * vocab + vocab
+        assert 0.85 < model.num_params() / reference < 1.15, (h, model.num_params(), reference)
+        assert isinstance(model, S5LM) and len(model.blocks) == n
