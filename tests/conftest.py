@@ -55,3 +55,14 @@ def make_cfg(tmp_path):
 def compose_config():
     """``compose(overrides, output_dir)`` for fixtures wider than one test."""
     return compose_cfg
+
+
+def run_steps(model, tokens, state):
+    """Feed ``tokens`` (batch, L) through ``model.step`` one position at a time: (logits (batch, L, V), state)."""
+    import torch
+
+    logits = []
+    for t in range(tokens.shape[1]):
+        out, state = model.step(tokens[:, t], state)
+        logits.append(out)
+    return torch.stack(logits, dim=1), state

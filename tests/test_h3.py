@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.h3 import H3Layer, H3LM
+from conftest import run_steps
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
@@ -20,14 +21,6 @@ def small_lm(**kwargs):
     torch.manual_seed(0)
     defaults = dict(vocab_size=17, d_model=8, n_layers=2, d_state=6, dropout=0.0, kernel_chunk=5)
     return H3LM(**{**defaults, **kwargs}).eval()
-
-
-def run_steps(model, tokens, state):
-    logits = []
-    for t in range(tokens.shape[1]):
-        out, state = model.step(tokens[:, t], state)
-        logits.append(out)
-    return torch.stack(logits, dim=1), state
 
 
 def assert_states_close(mine, ref):

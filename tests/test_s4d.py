@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from ssmlm.errors import ConfigError
 from ssmlm.models.s4d import DISCRETIZATIONS, INITS, S4DLayer, S4DLM, init_A, legs_diagonal
 from ssmlm.ops.fftconv import causal_fft_conv, next_fast_len
+from conftest import run_steps
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
@@ -32,14 +33,6 @@ def small_lm(**kwargs):
     torch.manual_seed(0)
     defaults = dict(vocab_size=17, d_model=8, n_layers=2, d_state=8, dropout=0.0, kernel_chunk=5)
     return S4DLM(**{**defaults, **kwargs}).double().eval()
-
-
-def run_steps(model, tokens, state):
-    logits = []
-    for t in range(tokens.shape[1]):
-        out, state = model.step(tokens[:, t], state)
-        logits.append(out)
-    return torch.stack(logits, dim=1), state
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 11, 97, 1025, 2049, 4097])

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from ssmlm.errors import ConfigError
 from ssmlm.models.hippo import dplr
 from ssmlm.models.s5 import S5Layer, S5LM, causal_mode_conv, hippo_n_init
+from conftest import run_steps
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
@@ -21,14 +22,6 @@ def small_lm(**kwargs):
     torch.manual_seed(0)
     defaults = dict(vocab_size=17, d_model=8, n_layers=2, d_state=8, dropout=0.0)
     return S5LM(**{**defaults, **kwargs}).eval()
-
-
-def run_steps(model, tokens, state):
-    logits = []
-    for t in range(tokens.shape[1]):
-        out, state = model.step(tokens[:, t], state)
-        logits.append(out)
-    return torch.stack(logits, dim=1), state
 
 
 def test_causal_mode_conv_matches_recurrence():

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.transformer import TransformerLM, rope_rotate
+from conftest import run_steps
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
@@ -20,14 +21,6 @@ def small_lm(**kwargs):
     torch.manual_seed(0)
     defaults = dict(vocab_size=17, d_model=16, n_layers=2, head_dim=8, max_seq_len=32, dropout=0.0)
     return TransformerLM(**{**defaults, **kwargs}).eval()
-
-
-def run_steps(model, tokens, state):
-    logits = []
-    for t in range(tokens.shape[1]):
-        out, state = model.step(tokens[:, t], state)
-        logits.append(out)
-    return torch.stack(logits, dim=1), state
 
 
 @pytest.mark.parametrize("pos_emb", ["rope", "learned"])
