@@ -46,3 +46,44 @@ class LanguageModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class BlockStackLM(LanguageModel):
+    """embedding -> residual blocks -> LayerNorm -> linear head, for families whose blocks implement
+    ``forward(x, state, return_state)`` (returning ``(x, state)`` when asked) and ``step(x, state)``.
+
+    Subclasses build ``self.blocks`` and call ``_build_stack`` for the shared parts; the recurrent state is a
+    list with one entry per block.
+    """
+
+    def _build_stack(self, vocab_size: int, d_model: int, blocks) -> None:
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, state: Any = None, return_state: bool = False):
+        x = self.embedding(tokens)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            out = block(x, None if state is None else state[i], return_state)
+            if return_state:
+                out, layer_state = out
+                new_state.append(layer_state)
+            x = out
+        logits = self.head(self.norm_f(x))
+        return (logits, new_state) if return_state else logits
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> list:
+        """dtype is ignored: SSM states are kept in fp32 / complex64 whatever the activations' dtype."""
+        device = device if device is not None else self.embedding.weight.device
+        return [block.allocate_state(batch_size, device) for block in self.blocks]
+
+    def step(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        x = self.embedding(tokens)
+        new_state = []
+        for block, layer_state in zip(self.blocks, state):
+            x, layer_state = block.step(x, layer_state)
+            new_state.append(layer_state)
+        return self.head(self.norm_f(x)), new_state

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import LanguageModel, set_optim
+from ssmlm.models.base import BlockStackLM, set_optim
 from ssmlm.models.s4d import INITS, final_state, init_A, vandermonde
 from ssmlm.ops.fftconv import causal_fft_conv
 
@@ -147,7 +147,7 @@ class H3Block(nn.Module):
         return self._mlp(x + self.dropout(out)), state
 
 
-class H3LM(LanguageModel):
+class H3LM(BlockStackLM):
     """Embedding -> n_layers x H3Block -> LayerNorm -> linear head.
 
     The recurrent state is a list with one (shift register, diagonal state) pair per layer.
@@ -159,37 +159,8 @@ class H3LM(LanguageModel):
         super().__init__()
         if mlp_expand < 0:
             raise ConfigError(f"model.mlp_expand={mlp_expand} must be >= 0 (0: no MLP after each H3 layer)")
-        self.vocab_size = vocab_size
-        self.embedding = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(
+        self._build_stack(vocab_size, d_model, (
             H3Block(d_model, dropout, mlp_expand, d_state=d_state, init=init, dt_min=dt_min, dt_max=dt_max,
                     ssm_lr=ssm_lr, kernel_chunk=kernel_chunk)
             for _ in range(n_layers)
-        )
-        self.norm_f = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-
-    def forward(self, tokens, state=None, return_state=False):
-        x = self.embedding(tokens)
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            out = block(x, None if state is None else state[i], return_state)
-            if return_state:
-                out, layer_state = out
-                new_state.append(layer_state)
-            x = out
-        logits = self.head(self.norm_f(x))
-        return (logits, new_state) if return_state else logits
-
-    def allocate_state(self, batch_size, device=None, dtype=None):
-        """dtype is ignored: the state is fp32 / complex64 (fp64 / complex128 for an fp64 model)."""
-        device = device if device is not None else self.embedding.weight.device
-        return [block.allocate_state(batch_size, device) for block in self.blocks]
-
-    def step(self, tokens, state):
-        x = self.embedding(tokens)
-        new_state = []
-        for block, layer_state in zip(self.blocks, state):
-            x, layer_state = block.step(x, layer_state)
-            new_state.append(layer_state)
-        return self.head(self.norm_f(x)), new_state
+        ))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import LanguageModel, set_optim
+from ssmlm.models.base import BlockStackLM, set_optim
 from ssmlm.ops.fftconv import causal_fft_conv
 
 INITS = ("lin", "inv", "real", "legs")
@@ -224,7 +224,7 @@ class S4DBlock(nn.Module):
         return x + self.dropout(out), state
 
 
-class S4DLM(LanguageModel):
+class S4DLM(BlockStackLM):
     """Embedding -> n_layers x S4DBlock -> LayerNorm -> linear head.
 
     The recurrent state is a list with one complex (batch, d_model, d_state/2) tensor per layer.
@@ -237,37 +237,8 @@ class S4DLM(LanguageModel):
         if bidirectional:
             raise ConfigError("model.bidirectional=true lets every position see later tokens, which a language "
                               "model must not; set model.bidirectional=false (S4DLayer supports it for non-causal use)")
-        self.vocab_size = vocab_size
-        self.embedding = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(
+        self._build_stack(vocab_size, d_model, (
             S4DBlock(d_model, dropout, d_state=d_state, init=init, discretization=discretization, dt_min=dt_min,
                      dt_max=dt_max, ssm_lr=ssm_lr, kernel_chunk=kernel_chunk)
             for _ in range(n_layers)
-        )
-        self.norm_f = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-
-    def forward(self, tokens, state=None, return_state=False):
-        x = self.embedding(tokens)
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            out = block(x, None if state is None else state[i], return_state)
-            if return_state:
-                out, layer_state = out
-                new_state.append(layer_state)
-            x = out
-        logits = self.head(self.norm_f(x))
-        return (logits, new_state) if return_state else logits
-
-    def allocate_state(self, batch_size, device=None, dtype=None):
-        """dtype is ignored: the state is complex64 (complex128 for an fp64 model) whatever the activations'."""
-        device = device if device is not None else self.embedding.weight.device
-        return [block.allocate_state(batch_size, device) for block in self.blocks]
-
-    def step(self, tokens, state):
-        x = self.embedding(tokens)
-        new_state = []
-        for block, layer_state in zip(self.blocks, state):
-            x, layer_state = block.step(x, layer_state)
-            new_state.append(layer_state)
-        return self.head(self.norm_f(x)), new_state
+        ))

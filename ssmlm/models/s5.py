@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import LanguageModel, set_optim
+from ssmlm.models.base import BlockStackLM, set_optim
 from ssmlm.models.hippo import dplr
 from ssmlm.ops.fftconv import next_fast_len
 
@@ -139,7 +139,7 @@ class S5Block(nn.Module):
         return x + self.dropout(out), state
 
 
-class S5LM(LanguageModel):
+class S5LM(BlockStackLM):
     """Embedding -> n_layers x S5Block -> LayerNorm -> linear head.
 
     The recurrent state is a list with one complex (batch, d_state/2) tensor per layer.
@@ -148,36 +148,7 @@ class S5LM(LanguageModel):
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, d_state: int = 64, blocks: int = 1,
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.1, ssm_lr: float | None = 1e-3):
         super().__init__()
-        self.vocab_size = vocab_size
-        self.embedding = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(
+        self._build_stack(vocab_size, d_model, (
             S5Block(d_model, dropout, d_state=d_state, blocks=blocks, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr)
             for _ in range(n_layers)
-        )
-        self.norm_f = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-
-    def forward(self, tokens, state=None, return_state=False):
-        x = self.embedding(tokens)
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            out = block(x, None if state is None else state[i], return_state)
-            if return_state:
-                out, layer_state = out
-                new_state.append(layer_state)
-            x = out
-        logits = self.head(self.norm_f(x))
-        return (logits, new_state) if return_state else logits
-
-    def allocate_state(self, batch_size, device=None, dtype=None):
-        """dtype is ignored: the state is complex64 (complex128 for an fp64 model) whatever the activations'."""
-        device = device if device is not None else self.embedding.weight.device
-        return [block.allocate_state(batch_size, device) for block in self.blocks]
-
-    def step(self, tokens, state):
-        x = self.embedding(tokens)
-        new_state = []
-        for block, layer_state in zip(self.blocks, state):
-            x, layer_state = block.step(x, layer_state)
-            new_state.append(layer_state)
-        return self.head(self.norm_f(x)), new_state
+        ))
