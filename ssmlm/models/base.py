@@ -48,6 +48,30 @@ class LanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class PreNormBlock(nn.Module):
+    """``x + dropout(layer(LayerNorm(x)))``; the layer's recurrent state passes through ``forward`` and ``step``."""
+
+    def __init__(self, d_model: int, dropout: float, layer: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.ssm = layer
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, state=None, return_state=False):
+        out = self.ssm(self.norm(x), state, return_state)
+        if return_state:
+            out, state = out
+        x = x + self.dropout(out)
+        return (x, state) if return_state else x
+
+    def allocate_state(self, batch_size, device=None):
+        return self.ssm.allocate_state(batch_size, device)
+
+    def step(self, x, state):
+        out, state = self.ssm.step(self.norm(x), state)
+        return x + self.dropout(out), state
+
+
 class BlockStackLM(LanguageModel):
     """embedding -> residual blocks -> LayerNorm -> linear head, for families whose blocks implement
     ``forward(x, state, return_state)`` (returning ``(x, state)`` when asked) and ``step(x, state)``.

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, set_optim
+from ssmlm.models.base import BlockStackLM, PreNormBlock, set_optim
 from ssmlm.ops.fftconv import causal_fft_conv
 
 INITS = ("lin", "inv", "real", "legs")
@@ -200,32 +200,8 @@ class S4DLayer(nn.Module):
         return F.glu(self.out_proj(y.to(u.dtype)), dim=-1), state
 
 
-class S4DBlock(nn.Module):
-    """Pre-norm residual block: x + dropout(S4D(LayerNorm(x)))."""
-
-    def __init__(self, d_model: int, dropout: float, **layer_kwargs):
-        super().__init__()
-        self.norm = nn.LayerNorm(d_model)
-        self.ssm = S4DLayer(d_model, dropout=dropout, **layer_kwargs)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x, state=None, return_state=False):
-        out = self.ssm(self.norm(x), state, return_state)
-        if return_state:
-            out, state = out
-        x = x + self.dropout(out)
-        return (x, state) if return_state else x
-
-    def allocate_state(self, batch_size, device=None):
-        return self.ssm.allocate_state(batch_size, device)
-
-    def step(self, x, state):
-        out, state = self.ssm.step(self.norm(x), state)
-        return x + self.dropout(out), state
-
-
 class S4DLM(BlockStackLM):
-    """Embedding -> n_layers x S4DBlock -> LayerNorm -> linear head.
+    """Embedding -> n_layers x pre-norm residual S4DLayer -> LayerNorm -> linear head.
 
     The recurrent state is a list with one complex (batch, d_model, d_state/2) tensor per layer.
     """
@@ -238,7 +214,8 @@ class S4DLM(BlockStackLM):
             raise ConfigError("model.bidirectional=true lets every position see later tokens, which a language "
                               "model must not; set model.bidirectional=false (S4DLayer supports it for non-causal use)")
         self._build_stack(vocab_size, d_model, (
-            S4DBlock(d_model, dropout, d_state=d_state, init=init, discretization=discretization, dt_min=dt_min,
-                     dt_max=dt_max, ssm_lr=ssm_lr, kernel_chunk=kernel_chunk)
+            PreNormBlock(d_model, dropout, S4DLayer(
+                d_model, dropout=dropout, d_state=d_state, init=init, discretization=discretization, dt_min=dt_min,
+                dt_max=dt_max, ssm_lr=ssm_lr, kernel_chunk=kernel_chunk))
             for _ in range(n_layers)
         ))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, set_optim
+from ssmlm.models.base import BlockStackLM, PreNormBlock, set_optim
 from ssmlm.models.hippo import dplr
 from ssmlm.ops.fftconv import next_fast_len
 
@@ -115,32 +115,8 @@ class S5Layer(nn.Module):
         return self._output(u_hi, state, u.dtype), state
 
 
-class S5Block(nn.Module):
-    """Pre-norm residual block: x + dropout(S5(LayerNorm(x)))."""
-
-    def __init__(self, d_model: int, dropout: float, **layer_kwargs):
-        super().__init__()
-        self.norm = nn.LayerNorm(d_model)
-        self.ssm = S5Layer(d_model, dropout=dropout, **layer_kwargs)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x, state=None, return_state=False):
-        out = self.ssm(self.norm(x), state, return_state)
-        if return_state:
-            out, state = out
-        x = x + self.dropout(out)
-        return (x, state) if return_state else x
-
-    def allocate_state(self, batch_size, device=None):
-        return self.ssm.allocate_state(batch_size, device)
-
-    def step(self, x, state):
-        out, state = self.ssm.step(self.norm(x), state)
-        return x + self.dropout(out), state
-
-
 class S5LM(BlockStackLM):
-    """Embedding -> n_layers x S5Block -> LayerNorm -> linear head.
+    """Embedding -> n_layers x pre-norm residual S5Layer -> LayerNorm -> linear head.
 
     The recurrent state is a list with one complex (batch, d_state/2) tensor per layer.
     """
@@ -149,6 +125,7 @@ class S5LM(BlockStackLM):
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.1, ssm_lr: float | None = 1e-3):
         super().__init__()
         self._build_stack(vocab_size, d_model, (
-            S5Block(d_model, dropout, d_state=d_state, blocks=blocks, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr)
+            PreNormBlock(d_model, dropout, S5Layer(d_model, dropout=dropout, d_state=d_state, blocks=blocks,
+                                                   dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr))
             for _ in range(n_layers)
         ))
