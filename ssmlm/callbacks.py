@@ -1,7 +1,10 @@
-"""Lightning plug-ins of the project: atomic checkpoints, RNG state in checkpoints, throughput, run artefacts."""
+"""Lightning plug-ins of the project: atomic checkpoints, the resumable ``last.ckpt``, RNG state in checkpoints,
+throughput, text samples, run artefacts, and loggers whose history survives restarts of a run."""
 
 from __future__ import annotations
 
+import csv
+import logging
 import os
 import random
 import tempfile
@@ -13,6 +16,16 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.logger import _add_prefix
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from ssmlm import slurm
+
+log = logging.getLogger(__name__)
 
 
 _UMASK = os.umask(0)
@@ -22,8 +35,8 @@ os.umask(_UMASK)
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside it, fsyncs, then renames over the target.
 
-    A kill during the save leaves the previous checkpoint intact (plus a stray ``.tmp`` that the next save
-    replaces), never a truncated ``last.ckpt``.
+    A kill during the save leaves the previous checkpoint intact (plus a stray ``.tmp``, removed by the next save
+    of the same file), never a truncated ``last.ckpt``.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
@@ -40,6 +53,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        for stray in path.parent.glob(f"{path.name}.*.tmp"):  # left by a process killed while saving
+            stray.unlink(missing_ok=True)
 
 
 class RNGStateCallback(L.Callback):
@@ -103,3 +118,230 @@ class RunArtifacts(L.Callback):
             from ssmlm.plots import plot_run_curves
 
             plot_run_curves(self.output_dir)
+
+
+class LastCheckpoint(Checkpoint):
+    """Keeps ``last.ckpt``, the state a restarted run resumes from; needs no metric, unlike ModelCheckpoint.
+
+    Saved every ``every_n_train_steps`` optimizer steps and/or ``every_n_minutes`` minutes of training, after each
+    validation (after the top-k ModelCheckpoint, so their scores travel with it), at the end of training, and when
+    the job is told to stop (SIGTERM, or SLURM's pre-timeout signal under submitit: see :mod:`ssmlm.slurm`), always
+    at an optimizer-step boundary. The previous one is kept as ``last.prev.ckpt``, the fallback should the newest
+    ever be unreadable. Also records the training time of the run so far, across restarts.
+    """
+
+    FILE, PREVIOUS = "last.ckpt", "last.prev.ckpt"
+
+    def __init__(self, dirpath: str, every_n_train_steps: int | None = None, every_n_minutes: float | None = None):
+        self.dirpath = Path(dirpath)
+        self.every_n_train_steps = int(every_n_train_steps or 0)
+        self.every_n_seconds = float(every_n_minutes or 0) * 60
+        self.stop_signal = slurm.StopSignal()
+        self.train_time_before = 0.0  # seconds trained by earlier sessions, restored from the checkpoint
+        self._session_start = time.monotonic()
+        self._last_save_time = time.monotonic()
+        self._saved_step = -1
+        self._seen_step = -1
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / self.FILE
+
+    @property
+    def train_time_s(self) -> float:
+        return self.train_time_before + time.monotonic() - self._session_start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_time_s": self.train_time_s}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_time_before = float(state_dict.get("train_time_s", 0.0))
+        self._session_start = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module):
+        self._seen_step = self._saved_step = trainer.global_step
+        self._last_save_time = time.monotonic()
+        self.stop_signal.install()  # after Lightning's own handlers, which it installs before training starts
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step != self._saved_step:
+            self.save(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self._seen_step:
+            return  # mid-way through gradient accumulation: not a step boundary
+        self._seen_step = trainer.global_step
+        due = self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0
+        due = due or (self.every_n_seconds and time.monotonic() - self._last_save_time >= self.every_n_seconds)
+        asked = self.stop_signal.asked
+        if trainer.world_size > 1:  # ranks agree on the strongest request of any rank and on rank 0's clock:
+            # saving is collective, and a signal reaches the ranks at slightly different times
+            local = torch.tensor([asked, bool(due and trainer.is_global_zero)], dtype=torch.float32,
+                                 device=pl_module.device)
+            asked, due = (int(v) for v in trainer.strategy.reduce(local, reduce_op="max").tolist())
+        if asked or due:
+            self.save(trainer)
+        if asked:
+            self.stop_signal.stop(asked)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.save(trainer)
+
+    def save(self, trainer) -> None:
+        if trainer.is_global_zero and self.path.exists():
+            os.replace(self.path, self.dirpath / self.PREVIOUS)
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self._saved_step, self._last_save_time = trainer.global_step, time.monotonic()
+
+
+class RunInfo(L.Callback):
+    """Stores facts about the run (e.g. its wandb id) in every checkpoint, as ``checkpoint["ssmlm"]``."""
+
+    def __init__(self, **info: Any) -> None:
+        self.info = info
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["ssmlm"] = dict(self.info)
+
+
+class TextSamples(L.Callback):
+    """After each validation, continues a fixed prompt (greedy and sampled) and logs the text: to the run's log
+    and, when wandb is on, as a ``samples`` table. The prompt defaults to the first tokens of the validation split;
+    a seeded generator keeps the samples comparable across validations and leaves the training RNG untouched."""
+
+    def __init__(self, prompt: str | None = None, prompt_tokens: int = 24, max_new_tokens: int = 100,
+                 temperatures: tuple[float, ...] = (0.0, 0.8), seed: int = 0) -> None:
+        self.prompt, self.prompt_tokens, self.max_new_tokens = prompt, prompt_tokens, max_new_tokens
+        self.temperatures, self.seed = tuple(temperatures), seed
+
+    def _prompt_ids(self, datamodule) -> list[int]:
+        from ssmlm.generate import encode_prompt
+
+        if self.prompt is not None:
+            return encode_prompt(datamodule.tokenizer, self.prompt, allow_unk=True)
+        val = datamodule.splits.get("val")
+        return [int(t) for t in val.data[: self.prompt_tokens]] if val is not None else encode_prompt(
+            datamodule.tokenizer, "", allow_unk=True)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module):
+        datamodule = trainer.datamodule
+        if trainer.sanity_checking or datamodule is None or getattr(datamodule, "tokenizer", None) is None:
+            return
+        from ssmlm.generate import Decoder
+        from ssmlm.sampling import Sampling
+
+        model = getattr(pl_module.model, "_orig_mod", pl_module.model)
+        was_training = model.training
+        tokenizer = datamodule.tokenizer
+        ids = self._prompt_ids(datamodule)
+        prompt = torch.tensor([ids], dtype=torch.long, device=pl_module.device)
+        rows = []
+        try:
+            decoder = Decoder(model)
+            logits, state = decoder.prefill(prompt)
+            for temperature in self.temperatures:
+                generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+                tokens = decoder.tokens(logits, state, self.max_new_tokens, Sampling(temperature=temperature),
+                                        generator)
+                text = tokenizer.decode(int(t[0]) for t in tokens)
+                rows.append([trainer.global_step, temperature, tokenizer.decode(ids), text])
+        finally:
+            model.train(was_training)
+        for step, temperature, prompt_text, text in rows:
+            log.info("sample at step %d, temperature %g: %r -> %r", step, temperature, prompt_text, text)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_text(key="samples", columns=["step", "temperature", "prompt", "sample"], data=rows,
+                                step=trainer.global_step)
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; this one appends to it (a resumed run)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv keeps the history of earlier sessions of the run (Lightning's starts the
+    file over); on resume, :meth:`truncate` drops the rows the resumed run is about to log again."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    @rank_zero_only
+    def truncate(self, from_step: int) -> None:
+        """Drops the rows logged at step ``from_step`` or later: a session that died after its last checkpoint
+        logged them, and the run resumed from that checkpoint logs them again."""
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not path.exists():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header, rows = reader.fieldnames or [], list(reader)
+        kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < from_step]
+        if len(kept) == len(rows):
+            return
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, path)
+
+
+class ResumableWandbLogger(WandbLogger):
+    """WandbLogger whose history continues across restarts of a run, never logging a step twice or backwards.
+
+    The run id is created once and kept in the run dir (``${ssmlm.wandb_id:...}``); every restart resumes that run.
+    Each row is logged at wandb step = the trainer's global step (also the x-axis, ``trainer/global_step``), so
+    sessions line up. A session killed after its last checkpoint may have logged steps the resumed run is about
+    to redo: the highest step ever sent is kept in ``step_file`` (written before the row is sent), and rows at or
+    below it are dropped until training passes it. This works offline too, where wandb itself cannot know what an
+    earlier session logged.
+
+    SLURM's SIGTERM (preemption, requeue) reaches the wandb service process too, which exits at once: the rows
+    of the last ``flush_interval_s`` seconds are lost with it (1 s here; wandb's default is 15 s), and the rest of
+    the session goes to the CSV only instead of failing the run. The restarted run resumes logging to wandb.
+    """
+
+    def __init__(self, *args: Any, step_file: str, flush_interval_s: float = 1.0, **kwargs: Any) -> None:
+        settings = dict(kwargs.pop("settings", None) or {}, x_transaction_log_flush_interval=flush_interval_s)
+        super().__init__(*args, settings=settings, **kwargs)
+        self.step_file = Path(step_file)
+        try:
+            self.logged_before = int(self.step_file.read_text().strip())
+        except (OSError, ValueError):
+            self.logged_before = -1  # no earlier session
+        self._highest = self.logged_before
+        self._service_lost = False
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        if self._service_lost:
+            return
+        if step is None:
+            return super().log_metrics(metrics, step)
+        if step <= self.logged_before:
+            return
+        if step > self._highest:
+            tmp = self.step_file.with_suffix(".tmp")
+            tmp.write_text(f"{step}\n")
+            os.replace(tmp, self.step_file)
+            self._highest = step
+        metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
+        try:
+            self.experiment.log({**metrics, "trainer/global_step": step}, step=step)
+        except OSError as e:  # the wandb service process is gone (e.g. SIGTERM): keep training, log to CSV
+            self._service_lost = True
+            log.warning("wandb stopped taking rows at step %d (%s: %s); the rest of this session is in the CSV "
+                        "only, the restarted run logs to the same wandb run again", step, type(e).__name__, e)

@@ -69,16 +69,22 @@ def run_id(override_dirname: str) -> str:
 
 
 def wandb_id(output_dir: str) -> str:
-    """The run's wandb id: created once, stored in the run dir, reused by every restart of the run."""
+    """The run's wandb id: created once, stored in the run dir, reused by every restart of the run.
+
+    Created by a hard link, which fails if the file exists: when several DDP ranks resolve it at once, the first
+    one's id wins and all of them read it back."""
     path = Path(output_dir) / "wandb_id.txt"
-    if path.exists():
-        return path.read_text().strip()
-    new_id = secrets.token_hex(4)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new_id + "\n")
-    os.replace(tmp, path)
-    return new_id
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"wandb_id.{os.getpid()}.tmp")
+        tmp.write_text(secrets.token_hex(4) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
 
 
 def process_rank() -> int:
@@ -105,6 +111,11 @@ def scaled_width(hidden: int, factor: float, multiple: int) -> int:
     return max(int(multiple), int(multiple) * round(int(hidden) * float(factor) / int(multiple)))
 
 
+def on_rank_zero(value):
+    """``value`` in the rank-0 process, None in the others (e.g. only rank 0 writes Hydra's .hydra/ folder)."""
+    return value if process_rank() == 0 else None
+
+
 def register() -> None:
     resolvers = {
         "ssmlm.hw": detect_hardware,
@@ -114,6 +125,7 @@ def register() -> None:
         "ssmlm.wandb_id": wandb_id,
         "ssmlm.width": scaled_width,
         "ssmlm.log_name": log_name,
+        "ssmlm.on_rank_zero": on_rank_zero,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -213,4 +213,8 @@ def tokenizer_from_dict(d: dict) -> CharTokenizer | ByteTokenizer:
         return CharTokenizer.from_dict(d)
     if unit == ByteTokenizer.unit:
         return ByteTokenizer.from_dict(d)
-    raise ValueError(f"unknown tokenizer unit {unit!r} (expected 'char' or 'byte')")
+    if unit == "token":  # the synthetic tasks' named tokens
+        from ssmlm.data.synthetic import TaskTokenizer
+
+        return TaskTokenizer.from_dict(d)
+    raise ValueError(f"unknown tokenizer unit {unit!r} (expected 'char', 'byte' or 'token')")
