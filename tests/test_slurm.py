@@ -98,7 +98,14 @@ def test_preempted_jobs_come_back_resume_and_finish_then_a_relaunch_skips_them(c
         assert len(files) == 2 and len({f.name for f in files}) == 1, (how, files)  # one wandb run, resumed
         steps = [row["_step"] for f in files for row in history(f)]
         assert all(a < b for a, b in zip(steps, steps[1:])) and steps[-1] == 80, (how, steps)
-        assert max(row["_step"] for row in history(files[0])) < resumed_at <= history(files[1])[0]["_step"]
+        first_session = [row["_step"] for row in history(files[0])]
+        if how == "USR2":  # a clean stop: wandb flushed everything the first session logged
+            assert first_session and max(first_session) < resumed_at, (how, first_session, resumed_at)
+        else:
+            # SLURM's SIGTERM also reaches wandb's own service process, which may die before writing the first
+            # session's last rows (the CSV keeps them); whatever it wrote must still lie before the resume point
+            assert not first_session or max(first_session) < resumed_at, (how, first_session, resumed_at)
+        assert resumed_at <= history(files[1])[0]["_step"]
         info = run_info(files[0])
         assert {"model=diag_ssm", "data=indic_chars", "hardware=cluster"} <= set(info["tags"]), info
         assert info["group"] == "e2e" and info["name"] == cell.name and {"params", "model", "data"} <= info["config"]
