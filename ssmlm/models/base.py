@@ -18,6 +18,7 @@ when they are matrices (ndim >= 2) and none otherwise (biases, norm scales).
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -30,19 +31,22 @@ def set_optim(param: nn.Parameter, **hints: Any) -> nn.Parameter:
     return param
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(nn.Module, abc.ABC):
     """Base class: token embedding in, logits out, with a recurrent twin of the parallel form."""
 
     vocab_size: int
 
+    @abc.abstractmethod
     def forward(self, tokens: torch.Tensor, state: Any = None, return_state: bool = False):
-        raise NotImplementedError  # abstract: each family defines its parallel form
+        """(batch, L) token ids -> (batch, L, vocab) logits [, state after the last token]."""
 
+    @abc.abstractmethod
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> Any:
-        raise NotImplementedError  # abstract
+        """The recurrent state before any token."""
 
+    @abc.abstractmethod
     def step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-        raise NotImplementedError  # abstract
+        """(batch,) token ids -> ((batch, vocab) logits, next state)."""
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
