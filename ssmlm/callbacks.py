@@ -79,28 +79,35 @@ class RNGStateCallback(L.Callback):
 
 
 class TokenThroughput(L.Callback):
-    """Logs training tokens per second (all devices), measured between batch starts, excluding validation."""
+    """Training tokens per second (all ranks), from the wall time between consecutive training-batch starts.
+
+    That interval holds everything a step costs (data loading, forward, backward, optimizer, logging) without a
+    device sync per step; intervals that contain a validation or an epoch boundary are left out, and so are the
+    first steps (compilation, allocator warm-up).
+    """
+
+    warmup_steps = 3
 
     def __init__(self) -> None:
         self.tokens = 0
         self.seconds = 0.0
-        self._t0: float | None = None
+        self._last: tuple[float, int] | None = None  # (start time, tokens) of the batch in flight
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t0 = time.perf_counter()
+        now = time.perf_counter()
+        if self._last is not None:
+            started, n = self._last
+            dt = now - started
+            if trainer.global_step >= self.warmup_steps:
+                self.tokens += n
+                self.seconds += dt
+            pl_module.log("train/tokens_per_s", n / max(dt, 1e-9), on_step=True, on_epoch=False)
+        self._last = (now, batch[0].numel() * trainer.world_size)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._t0 is None:
-            return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        dt = time.perf_counter() - self._t0
-        n = batch[0].numel() * trainer.world_size
-        # the first batches include compilation and allocator warm-up: leave them out of the average
-        if trainer.global_step >= 3:
-            self.tokens += n
-            self.seconds += dt
-        pl_module.log("train/tokens_per_s", n / max(dt, 1e-9), on_step=True, on_epoch=False)
+    def _interrupt(self, *args) -> None:
+        self._last = None
+
+    on_validation_start = on_train_epoch_end = _interrupt
 
     @property
     def tokens_per_s(self) -> float | None:
