@@ -163,6 +163,9 @@ class ScriptedLM(LanguageModel):
         logits = self._logits(torch.zeros(tokens.shape[0]))[:, None].expand(-1, tokens.shape[1], -1)
         return (logits, torch.ones(tokens.shape[0], dtype=torch.long)) if return_state else logits
 
+    def allocate_state(self, batch_size, device=None, dtype=None):
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+
     def step(self, tokens, state):
         return self._logits(state), state + 1
 
