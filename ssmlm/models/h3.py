@@ -25,7 +25,7 @@ from torch import nn
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.base import BlockStackLM, set_optim
-from ssmlm.models.s4d import INITS, final_state, init_A, vandermonde
+from ssmlm.models.s4d import INITS, check_ssm_sizes, final_state, init_A, vandermonde
 from ssmlm.ops.fftconv import causal_fft_conv
 
 
@@ -35,14 +35,9 @@ class H3Layer(nn.Module):
     def __init__(self, d_model: int, d_state: int = 64, init: str = "lin", dt_min: float = 1e-3,
                  dt_max: float = 1e-1, ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024):
         super().__init__()
-        if d_state < 2 or d_state % 2:
-            raise ConfigError(f"model.d_state={d_state} must be a positive even number (N/2 conjugate pairs)")
+        check_ssm_sizes(d_state, dt_min, dt_max, kernel_chunk)
         if init not in INITS:
             raise ConfigError(f"model.init={init!r} is not an S4D initialisation; use one of {', '.join(INITS)}")
-        if not 0 < dt_min <= dt_max:
-            raise ConfigError(f"model.dt_min={dt_min}, model.dt_max={dt_max}: need 0 < dt_min <= dt_max")
-        if kernel_chunk is not None and kernel_chunk < 1:
-            raise ConfigError(f"model.kernel_chunk={kernel_chunk} must be a positive int or null (unchunked)")
         self.d_model, self.d_state, self.kernel_chunk = d_model, d_state, kernel_chunk
         H, modes = d_model, d_state // 2
         self.in_proj = nn.Linear(H, 3 * H)

@@ -104,6 +104,16 @@ def final_state(u: torch.Tensor, log_dA: torch.Tensor, dB: torch.Tensor, chunk: 
     return x * dB
 
 
+def check_ssm_sizes(d_state: int, dt_min: float, dt_max: float, kernel_chunk: int | None) -> None:
+    """The config checks every diagonal complex SSM layer (S4D, H3's diagonal SSM) shares."""
+    if d_state < 2 or d_state % 2:
+        raise ConfigError(f"model.d_state={d_state} must be a positive even number (N/2 conjugate pairs)")
+    if not 0 < dt_min <= dt_max:
+        raise ConfigError(f"model.dt_min={dt_min}, model.dt_max={dt_max}: need 0 < dt_min <= dt_max")
+    if kernel_chunk is not None and kernel_chunk < 1:
+        raise ConfigError(f"model.kernel_chunk={kernel_chunk} must be a positive int or null (unchunked)")
+
+
 class S4DLayer(nn.Module):
     """One S4D layer on (batch, L, H): SSM convolution + D skip -> GELU -> dropout -> Linear(H, 2H) -> GLU.
 
@@ -116,14 +126,9 @@ class S4DLayer(nn.Module):
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.0, bidirectional: bool = False,
                  ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024):
         super().__init__()
-        if d_state < 2 or d_state % 2:
-            raise ConfigError(f"model.d_state={d_state} must be a positive even number (N/2 conjugate pairs)")
+        check_ssm_sizes(d_state, dt_min, dt_max, kernel_chunk)
         if discretization not in DISCRETIZATIONS:
             raise ConfigError(f"model.discretization={discretization!r}: use one of {', '.join(DISCRETIZATIONS)}")
-        if not 0 < dt_min <= dt_max:
-            raise ConfigError(f"model.dt_min={dt_min}, model.dt_max={dt_max}: need 0 < dt_min <= dt_max")
-        if kernel_chunk is not None and kernel_chunk < 1:
-            raise ConfigError(f"model.kernel_chunk={kernel_chunk} must be a positive int or null (unchunked)")
         self.d_model, self.d_state = d_model, d_state
         self.discretization, self.bidirectional, self.kernel_chunk = discretization, bidirectional, kernel_chunk
         H, modes = d_model, d_state // 2
