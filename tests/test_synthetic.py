@@ -120,3 +120,32 @@ def test_task_tokenizer_rebuilds_from_a_checkpoint_dict():
     tok = TaskTokenizer(["<pad>", "t0", "t1", ".", "|"])
     again = tokenizer_from_dict(tok.to_dict())
     assert isinstance(again, TaskTokenizer) and again.to_dict() == tok.to_dict()
+
+
+def _synthetic_check_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "synthetic_check.py"
+    spec = importlib.util.spec_from_file_location("synthetic_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_synthetic_check_reads_model_variants_and_partial_runs(tmp_path):
+    script = _synthetic_check_script()
+    assert script.parse_model("mamba") == ("mamba", "mamba", [])
+    assert script.parse_model("wide=mamba size.hidden=320 'model.attn_layers=[1, 3]'") == \
+        ("wide", "mamba", ["size.hidden=320", "model.attn_layers=[1, 3]"])
+    # a run stopped at the deadline is reported with its last validation, read from its metrics.csv
+    assert script.last_validation(tmp_path) == (None, None)
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/acc\n0,9,2.7,\n0,9,,0.25\n1,19,2.1,\n1,19,,0.5\n1,24,1.9,\n")
+    assert script.last_validation(tmp_path) == (0.5, 19)
+    rows = [{"task": "t", "model": "a", "status": "done", "params": 68000, "test_acc": 0.9921},
+            {"task": "t", "model": "b", "status": "stopped at the deadline", "val_acc": 0.5, "val_step": 19}]
+    md = script.table(rows, ["t"], ["a", "b"])
+    assert md.splitlines()[0] == "| task | a (68k) | b |"
+    assert md.splitlines()[2] == "| t | 0.992 | 0.500 (val@19) |"
