@@ -66,3 +66,58 @@ def run_steps(model, tokens, state):
         out, state = model.step(tokens[:, t], state)
         logits.append(out)
     return torch.stack(logits, dim=1), state
+
+
+def assert_states_close(mine, ref, atol: float = 1e-4) -> None:
+    """Recurrent states equal: tensors, or (nested) lists/tuples of them; a KV cache over its filled positions."""
+    import torch
+
+    if isinstance(ref, torch.Tensor):
+        torch.testing.assert_close(mine, ref, atol=atol, rtol=0)
+    elif isinstance(ref, (list, tuple)):
+        assert isinstance(mine, (list, tuple)) and len(mine) == len(ref)
+        for a, b in zip(mine, ref):
+            assert_states_close(a, b, atol)
+    else:  # a KV cache: same length, same keys and values where filled
+        assert type(mine) is type(ref) and mine.length == ref.length
+        filled = slice(0, ref.length)
+        for a, b in zip((*mine.keys, *mine.values), (*ref.keys, *ref.values), strict=True):
+            torch.testing.assert_close(a[:, :, filled], b[:, :, filled], atol=atol, rtol=0)
+
+
+def check_recurrent_form(model, tokens, prompt: int, prefix: int, atol: float = 1e-4) -> None:
+    """The contract every family keeps (ssmlm/models/base.py), checked on ``tokens`` (batch, L):
+
+    * ``step`` over the whole sequence from ``allocate_state`` gives ``forward``'s logits;
+    * a prompt of ``prompt`` tokens read in parallel (``return_state=True``), then stepped, gives the same
+      logits and ends in the same state;
+    * ``forward`` continued from the state after ``prefix`` tokens gives the rest of the logits and that state.
+    """
+    import torch
+
+    with torch.no_grad():
+        full = model(tokens)
+        stepped, last = run_steps(model, tokens, model.allocate_state(tokens.shape[0]))
+        torch.testing.assert_close(stepped, full, atol=atol, rtol=0)
+        prompt_logits, state = model(tokens[:, :prompt], return_state=True)
+        rest, state = run_steps(model, tokens[:, prompt:], state)
+        torch.testing.assert_close(torch.cat([prompt_logits, rest], 1), full, atol=atol, rtol=0)
+        assert_states_close(state, last, atol)
+        _, prefix_state = model(tokens[:, :prefix], return_state=True)
+        cont, cont_state = model(tokens[:, prefix:], state=prefix_state, return_state=True)
+        torch.testing.assert_close(cont, full[:, prefix:], atol=atol, rtol=0)
+        assert_states_close(cont_state, last, atol)
+
+
+def check_causal(model, vocab_size: int, length: int = 20, at: int = 12) -> None:
+    """Changing the token at ``at`` changes no logit before it, and some after it (fp64)."""
+    import torch
+
+    model = model.double()
+    tokens = torch.randint(0, vocab_size, (1, length))
+    changed = tokens.clone()
+    changed[0, at] = (tokens[0, at] + 1) % vocab_size
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :at], b[:, :at], atol=1e-10, rtol=0)
+    assert (a[:, at:] - b[:, at:]).abs().max() > 1e-4

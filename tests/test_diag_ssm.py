@@ -4,6 +4,7 @@ import torch
 from ssmlm.models.diag_ssm import DiagSSMLM
 from ssmlm.ops.diag_scan import diag_scan
 from ssmlm.ops.scan_ref import diag_scan_ref
+from conftest import check_recurrent_form
 
 
 @pytest.mark.parametrize("L", [1, 2, 7, 64, 129, 300])
@@ -48,23 +49,13 @@ def test_model_fft_equals_loop_backend_and_step(a_param):
     model = DiagSSMLM(vocab_size=50, emb_dim=16, ssm_hidden=32, n_layers=2, dropout=0.0, a_param=a_param).eval()
     tokens = torch.randint(0, 50, (2, 37))
     with torch.no_grad():
-        logits, final = model(tokens, return_state=True)
+        logits = model(tokens)
         for block in model.blocks:
             block.ssm.backend = "ref"
         torch.testing.assert_close(model(tokens), logits, rtol=1e-5, atol=1e-5)
-        # recurrent step over the sequence gives the parallel logits
-        state = model.allocate_state(2)
-        stepped = []
-        for t in range(tokens.shape[1]):
-            out, state = model.step(tokens[:, t], state)
-            stepped.append(out)
-        torch.testing.assert_close(torch.stack(stepped, 1), logits, rtol=1e-4, atol=1e-4)
-        for s, f in zip(state, final):
-            torch.testing.assert_close(s, f, rtol=1e-4, atol=1e-5)
-        # a prompt consumed in parallel, then continued step by step
-        _, prefix_state = model(tokens[:, :20], return_state=True)
-        cont, _ = model(tokens[:, 20:], state=prefix_state, return_state=True)
-        torch.testing.assert_close(cont, logits[:, 20:], rtol=1e-4, atol=1e-4)
+        for block in model.blocks:
+            block.ssm.backend = "fft"
+    check_recurrent_form(model, tokens, prompt=20, prefix=9)
 
 
 def test_stable_a_stays_in_unit_interval_and_no_decay_on_dynamics():

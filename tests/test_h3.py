@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.h3 import H3Layer, H3LM
-from conftest import run_steps
+from conftest import check_causal, check_recurrent_form
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
@@ -21,12 +21,6 @@ def small_lm(**kwargs):
     torch.manual_seed(0)
     defaults = dict(vocab_size=17, d_model=8, n_layers=2, d_state=6, dropout=0.0, kernel_chunk=5)
     return H3LM(**{**defaults, **kwargs}).eval()
-
-
-def assert_states_close(mine, ref):
-    for (shift_a, diag_a), (shift_b, diag_b) in zip(mine, ref, strict=True):
-        torch.testing.assert_close(shift_a, shift_b, atol=1e-4, rtol=0)
-        torch.testing.assert_close(diag_a, diag_b, atol=1e-4, rtol=0)
 
 
 def test_shift_ssm_is_a_causal_filter_over_the_last_n_inputs():
@@ -52,33 +46,12 @@ def test_shift_ssm_is_a_causal_filter_over_the_last_n_inputs():
 
 @pytest.mark.parametrize("mlp_expand", [0, 2])
 def test_step_equals_forward(mlp_expand):
-    model = small_lm(mlp_expand=mlp_expand)
-    tokens = torch.randint(0, 17, (2, 23))
-    with torch.no_grad():
-        full = model(tokens)
-        stepped, last = run_steps(model, tokens, model.allocate_state(2))
-        torch.testing.assert_close(stepped, full, atol=1e-4, rtol=0)
-        # a prompt read in parallel, then stepped: logits and states continue exactly
-        prompt_logits, state = model(tokens[:, :11], return_state=True)
-        rest, state = run_steps(model, tokens[:, 11:], state)
-        torch.testing.assert_close(torch.cat([prompt_logits, rest], 1), full, atol=1e-4, rtol=0)
-        assert_states_close(state, last)
-        # forward continuing from a state, including a prefix shorter than the shift register
-        _, prefix_state = model(tokens[:, :3], return_state=True)
-        cont, cont_state = model(tokens[:, 3:], state=prefix_state, return_state=True)
-        torch.testing.assert_close(cont, full[:, 3:], atol=1e-4, rtol=0)
-        assert_states_close(cont_state, last)
+    # prefix 3: forward from a state shorter than the shift register
+    check_recurrent_form(small_lm(mlp_expand=mlp_expand), torch.randint(0, 17, (2, 23)), prompt=11, prefix=3)
 
 
 def test_causal_future_token_does_not_change_past_logits():
-    model = small_lm().double()
-    tokens = torch.randint(0, 17, (1, 20))
-    changed = tokens.clone()
-    changed[0, 12] = (tokens[0, 12] + 1) % 17
-    with torch.no_grad():
-        a, b = model(tokens), model(changed)
-    torch.testing.assert_close(a[:, :12], b[:, :12], atol=1e-10, rtol=0)
-    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
+    check_causal(small_lm(), 17)
 
 
 def test_gradients_reach_every_parameter():

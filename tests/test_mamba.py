@@ -9,6 +9,7 @@ import torch
 from ssmlm.errors import CheckpointError, ConfigError
 from ssmlm.models.mamba import MambaLM
 from ssmlm.models.pretrained import load_pretrained_mamba
+from conftest import check_recurrent_form, run_steps
 
 IMPROVED = dict(residual_gate="channel", head_norm=True, dropout=0.1, activation="gelu")
 VARIANTS = {"plain": {}, "improved": IMPROVED, "scalar_gate_layernorm": dict(residual_gate="scalar", norm="layernorm")}
@@ -24,30 +25,17 @@ def make_model(variant="plain", vocab_size=37, **kwargs):
     return model
 
 
-def step_through(model, tokens, state):
-    logits = []
-    for t in range(tokens.shape[1]):
-        step_logits, state = model.step(tokens[:, t], state)
-        logits.append(step_logits)
-    return torch.stack(logits, dim=1), state
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_step_equals_forward(variant):
     model = make_model(variant)
     tokens = torch.randint(0, 37, (3, 19))
+    # prefix 2: forward from a state shorter than the conv kernel
+    check_recurrent_form(model, tokens, prompt=7, prefix=2)
     with torch.no_grad():
         logits = model(tokens)
-        stepped, _ = step_through(model, tokens, model.allocate_state(3))
-        torch.testing.assert_close(stepped, logits, rtol=1e-4, atol=1e-4)
-        # a prompt consumed in parallel, then generation by steps
-        prompt_logits, state = model(tokens[:, :7], return_state=True)
-        torch.testing.assert_close(prompt_logits, logits[:, :7], rtol=1e-4, atol=1e-4)
-        assert state[0][1].dtype == torch.float32
-        stepped, _ = step_through(model, tokens[:, 7:], state)
-        torch.testing.assert_close(stepped, logits[:, 7:], rtol=1e-4, atol=1e-4)
-        # and a forward continued from that state (shorter than the conv kernel, then longer)
         _, state = model(tokens[:, :7], return_state=True)
+        assert state[0][1].dtype == torch.float32
+        # a continuation shorter than the conv kernel, then the rest
         short, state = model(tokens[:, 7:9], state=state, return_state=True)
         rest = model(tokens[:, 9:], state=state)
         torch.testing.assert_close(torch.cat([short, rest], dim=1), logits[:, 7:], rtol=1e-4, atol=1e-4)
@@ -133,7 +121,7 @@ def test_load_hugging_face_checkpoint(tmp_path, tie, shard):
     with torch.no_grad():
         expected = hf(tokens).logits
         torch.testing.assert_close(model(tokens), expected, rtol=1e-4, atol=1e-4)
-        stepped, _ = step_through(model, tokens, model.allocate_state(2))
+        stepped, _ = run_steps(model, tokens, model.allocate_state(2))
     torch.testing.assert_close(stepped, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from ssmlm.errors import ConfigError
 from ssmlm.models.hippo import dplr
 from ssmlm.models.s5 import S5Layer, S5LM, causal_mode_conv, hippo_n_init
-from conftest import run_steps
+from conftest import check_causal, check_recurrent_form
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
@@ -50,35 +50,11 @@ def test_hippo_n_init_is_block_diagonal_legs_normal_part(blocks):
 
 @pytest.mark.parametrize("blocks", [1, 2])
 def test_step_equals_forward(blocks):
-    model = small_lm(blocks=blocks)
-    tokens = torch.randint(0, 17, (2, 23))
-    with torch.no_grad():
-        full = model(tokens)
-        stepped, last = run_steps(model, tokens, model.allocate_state(2))
-        torch.testing.assert_close(stepped, full, atol=1e-4, rtol=0)
-        # a prompt read in parallel, then stepped: logits and states continue exactly
-        prompt_logits, state = model(tokens[:, :11], return_state=True)
-        rest, state = run_steps(model, tokens[:, 11:], state)
-        torch.testing.assert_close(torch.cat([prompt_logits, rest], 1), full, atol=1e-4, rtol=0)
-        for mine, ref in zip(state, last, strict=True):
-            torch.testing.assert_close(mine, ref, atol=1e-4, rtol=0)
-        # forward continuing from a state
-        _, prefix_state = model(tokens[:, :6], return_state=True)
-        cont, cont_state = model(tokens[:, 6:], state=prefix_state, return_state=True)
-        torch.testing.assert_close(cont, full[:, 6:], atol=1e-4, rtol=0)
-        for mine, ref in zip(cont_state, last, strict=True):
-            torch.testing.assert_close(mine, ref, atol=1e-4, rtol=0)
+    check_recurrent_form(small_lm(blocks=blocks), torch.randint(0, 17, (2, 23)), prompt=11, prefix=6)
 
 
 def test_causal_future_token_does_not_change_past_logits():
-    model = small_lm().double()
-    tokens = torch.randint(0, 17, (1, 20))
-    changed = tokens.clone()
-    changed[0, 12] = (tokens[0, 12] + 1) % 17
-    with torch.no_grad():
-        a, b = model(tokens), model(changed)
-    torch.testing.assert_close(a[:, :12], b[:, :12], atol=1e-10, rtol=0)
-    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
+    check_causal(small_lm(), 17)
 
 
 def test_gradients_reach_every_parameter():

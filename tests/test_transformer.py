@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.transformer import TransformerLM, rope_rotate
-from conftest import run_steps
+from conftest import check_causal, check_recurrent_form
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
@@ -26,21 +26,11 @@ def small_lm(**kwargs):
 @pytest.mark.parametrize("pos_emb", ["rope", "learned"])
 def test_step_equals_forward(pos_emb):
     model = small_lm(pos_emb=pos_emb)
-    tokens = torch.randint(0, 17, (2, 21))
+    # prefix 5: several tokens in parallel after a cached prefix (the offset causal mask)
+    check_recurrent_form(model, torch.randint(0, 17, (2, 21)), prompt=9, prefix=5)
     with torch.no_grad():
-        full = model(tokens)
-        stepped, cache = run_steps(model, tokens, model.allocate_state(2))
-        torch.testing.assert_close(stepped, full, atol=1e-4, rtol=0)
-        assert cache.length == 21
-        # prompt in parallel (fills a fresh cache), then token by token
-        prompt_logits, cache = model(tokens[:, :9], return_state=True)
-        assert cache.length == 9 and cache.capacity == 32
-        rest, cache = run_steps(model, tokens[:, 9:], cache)
-        torch.testing.assert_close(torch.cat([prompt_logits, rest], 1), full, atol=1e-4, rtol=0)
-        # several tokens in parallel after a cached prefix (the offset causal mask)
-        _, cache = model(tokens[:, :5], return_state=True)
-        cont = model(tokens[:, 5:], state=cache)
-        torch.testing.assert_close(cont, full[:, 5:], atol=1e-4, rtol=0)
+        _, cache = model(torch.randint(0, 17, (2, 9)), return_state=True)
+    assert cache.length == 9 and cache.capacity == 32
 
 
 def test_full_cache_is_a_clear_error():
@@ -63,14 +53,7 @@ def test_positions_beyond_max_seq_len():
 
 @pytest.mark.parametrize("pos_emb", ["rope", "learned"])
 def test_causal_future_token_does_not_change_past_logits(pos_emb):
-    model = small_lm(pos_emb=pos_emb)
-    tokens = torch.randint(0, 17, (1, 20))
-    changed = tokens.clone()
-    changed[0, 12] = (tokens[0, 12] + 1) % 17
-    with torch.no_grad():
-        a, b = model(tokens), model(changed)
-    torch.testing.assert_close(a[:, :12], b[:, :12], atol=0, rtol=0)
-    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
+    check_causal(small_lm(pos_emb=pos_emb), 17)
 
 
 def test_rope_scores_depend_on_relative_position_only():
