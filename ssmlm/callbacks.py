@@ -236,7 +236,7 @@ class TextSamples(L.Callback):
         datamodule = trainer.datamodule
         if trainer.sanity_checking or datamodule is None or getattr(datamodule, "tokenizer", None) is None:
             return
-        from ssmlm.generate import Decoder
+        from ssmlm.generate import Decoder, room_for
         from ssmlm.sampling import Sampling
 
         model = getattr(pl_module.model, "_orig_mod", pl_module.model)
@@ -244,13 +244,14 @@ class TextSamples(L.Callback):
         tokenizer = datamodule.tokenizer
         ids = self._prompt_ids(datamodule)
         prompt = torch.tensor([ids], dtype=torch.long, device=pl_module.device)
+        max_new_tokens = room_for(model, len(ids), self.max_new_tokens)
         rows = []
         try:
             decoder = Decoder(model)
             logits, state = decoder.prefill(prompt)
             for temperature in self.temperatures:
                 generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-                tokens = decoder.tokens(logits, state, self.max_new_tokens, Sampling(temperature=temperature),
+                tokens = decoder.tokens(logits, state, max_new_tokens, Sampling(temperature=temperature),
                                         generator)
                 text = tokenizer.decode(int(t[0]) for t in tokens)
                 rows.append([trainer.global_step, temperature, tokenizer.decode(ids), text])

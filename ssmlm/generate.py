@@ -25,6 +25,24 @@ from ssmlm.run_dir import RunDir, build_model, pick_device, read_checkpoint, too
 from ssmlm.sampling import Sampling
 
 
+def room_for(model: LanguageModel, prompt_len: int, max_new_tokens: int) -> int:
+    """How many of ``max_new_tokens`` the model can generate after a prompt of ``prompt_len`` tokens.
+
+    Recurrent models: all. A KV cache holds ``model.max_seq_len`` positions (the last new token is never fed
+    back): with rotary positions, which have no table, the cache is made as long as needed; with learned
+    positions, generation stops at the last position the model has.
+    """
+    limit = getattr(model, "max_seq_len", None)
+    needed = prompt_len + max_new_tokens - 1
+    if limit is None or needed <= limit:
+        return max_new_tokens
+    if getattr(model, "pos_emb", None) == "rope":
+        print(f"# note: generating {needed} positions, past the {limit} the model was trained on", file=sys.stderr)
+        model.max_seq_len = needed
+        return max_new_tokens
+    return max(0, limit - prompt_len + 1)
+
+
 class GraphedStep:
     """``model.step`` captured in a CUDA graph for a fixed batch size and state layout.
 
@@ -165,15 +183,10 @@ def generate(cfg) -> list[str]:
     model = build_model(ckpt, device, path)
     sampling = Sampling(temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p))
     prompt_ids = encode_prompt(tokenizer, str(cfg.prompt), bool(cfg.allow_unk))
-    limit = getattr(model, "max_seq_len", None)  # a KV cache's capacity; the last new token is never fed back
-    needed = len(prompt_ids) + cfg.max_new_tokens - 1
-    if limit is not None and needed > limit and getattr(model, "pos_emb", None) == "rope":
-        # rotary positions have no table: only the cache is sized by max_seq_len, so make it as long as needed
-        print(f"# note: generating {needed} positions, past the {limit} the model was trained on", file=sys.stderr)
-        model.max_seq_len = limit = needed
-    if limit is not None and needed > limit:
+    if room_for(model, len(prompt_ids), cfg.max_new_tokens) < cfg.max_new_tokens:
         raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens={cfg.max_new_tokens} exceed the "
-                          f"model's max_seq_len={limit} (its KV cache); lower max_new_tokens or shorten the prompt")
+                          f"model's max_seq_len={model.max_seq_len} (its learned positions); lower max_new_tokens "
+                          f"or shorten the prompt")
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     decoder = Decoder(model, cuda_graph=bool(cfg.cuda_graph))
     out = sys.stdout

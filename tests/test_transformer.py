@@ -106,3 +106,20 @@ def test_rope_cache_can_be_sized_past_the_training_length_for_generation():
             logits, state = model.step(tokens[:, t], state)
             stepped.append(logits)
     torch.testing.assert_close(torch.stack(stepped, 1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_generation_past_the_training_length(pos_emb):
+    """The validation samples continue a prompt past the training windows: a rotary model's cache grows to fit,
+    a model with learned positions generates up to its last one (ssmlm-generate refuses that with a ConfigError)."""
+    from ssmlm.generate import Decoder, room_for
+    from ssmlm.sampling import Sampling
+
+    model = small_lm(pos_emb=pos_emb, max_seq_len=16)
+    n_new = room_for(model, 10, 20)
+    assert (n_new, model.max_seq_len) == ((20, 29) if pos_emb == "rope" else (7, 16))
+    decoder = Decoder(model)
+    with torch.no_grad():
+        logits, state = decoder.prefill(torch.randint(0, 17, (1, 10)))
+        tokens = decoder.tokens(logits, state, n_new, Sampling(temperature=0.0), torch.Generator().manual_seed(0))
+    assert len(list(tokens)) == n_new
