@@ -17,6 +17,7 @@ import torchmetrics
 from torchmetrics.text import Perplexity
 
 from ssmlm.models.base import LanguageModel
+from ssmlm.sparsity import attach_masks
 
 IGNORE_INDEX = -100
 
@@ -54,13 +55,15 @@ class SplitMetrics(torch.nn.Module):
 
 
 class LMModule(L.LightningModule):
-    """Wraps a model built from its config, so a checkpoint alone rebuilds it (``load_from_checkpoint``)."""
+    """Wraps a model built from its config, so a checkpoint alone rebuilds it (``load_from_checkpoint``), with
+    the masks of its ``sparsity`` config (ssmlm.sparsity) as buffers for the checkpoint's masks to load into."""
 
     def __init__(self, model_cfg: dict, vocab_size: int, optim: dict, tokenizer: dict | None = None,
-                 compile: bool = False):
+                 compile: bool = False, sparsity: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.model: LanguageModel = hydra.utils.instantiate(model_cfg, vocab_size=vocab_size)
+        attach_masks(self.model, sparsity)
         self.compile_model = compile
         self.metrics = torch.nn.ModuleDict({s: SplitMetrics(vocab_size) for s in ("val", "test")})
 

@@ -34,6 +34,7 @@ from ssmlm import resolvers, slurm, sweep
 from ssmlm.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumableCSVLogger, RunInfo, TokenThroughput
 from ssmlm.errors import CheckpointError, SsmlmError
 from ssmlm.lm import LMModule
+from ssmlm.sparsity import SparsityConfig, callbacks_for, sparsity_report
 
 resolvers.register()
 log = logging.getLogger("ssmlm.train")
@@ -110,10 +111,18 @@ def check_checkpoint_belongs(cfg: DictConfig, ckpt: Path, hparams: dict, tokeniz
             f"{ckpt} was trained with a different model config (another experiment's run dir?):\n"
             f"  checkpoint: {hparams.get('model_cfg')}\n  this run:   {model_cfg}\n"
             f"Use another run dir (hydra.run.dir=...) or force_resume=true.")
+    if SparsityConfig.from_dict(hparams.get("sparsity")) != SparsityConfig.from_dict(sparsity_node(cfg)):
+        raise CheckpointError(
+            f"{ckpt} was trained with a different sparsity config:\n  checkpoint: {hparams.get('sparsity')}\n"
+            f"  this run:   {sparsity_node(cfg)}\nUse another run dir (hydra.run.dir=...).")
     if tokenizer is not None and hparams.get("tokenizer") not in (None, tokenizer):
         raise CheckpointError(
             f"{ckpt} was trained with a different vocabulary than {cfg.data.get('vocab_path') or 'the data'} "
             f"builds now. Point data.vocab_path at the run's vocab.json or use another run dir.")
+
+
+def sparsity_node(cfg: DictConfig) -> dict | None:
+    return OmegaConf.to_container(cfg.sparsity, resolve=True) if cfg.get("sparsity") is not None else None
 
 
 # --- loggers -------------------------------------------------------------------------------------------------
@@ -196,6 +205,7 @@ def _train(cfg: DictConfig, output_dir: Path, status: sweep.CellStatus, progress
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         tokenizer=tokenizer,
         compile=bool(cfg.compile),
+        sparsity=sparsity_node(cfg),
     )
     params = module.model.num_params()
     log.info("model %s: %.3fM parameters; run dir %s", cfg.model._target_, params / 1e6, output_dir)
@@ -203,7 +213,7 @@ def _train(cfg: DictConfig, output_dir: Path, status: sweep.CellStatus, progress
     if not cfg.resume:  # training over: a new wandb run too
         for name in ("wandb_id.txt", "wandb_step.txt"):
             (output_dir / name).unlink(missing_ok=True)
-    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    callbacks = _instantiate_dict(cfg.get("callbacks")) + callbacks_for(sparsity_node(cfg))
     loggers = make_loggers(cfg, output_dir, params, resume)
     wandb = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
     callbacks.append(RunInfo(wandb_id=wandb.version if wandb is not None else None))
@@ -234,6 +244,8 @@ def _train(cfg: DictConfig, output_dir: Path, status: sweep.CellStatus, progress
     if top_k is not None and top_k.best_model_score is not None:
         results["best_val_ppl"] = float(top_k.best_model_score)
         results["best_checkpoint"] = str(top_k.best_model_path)
+    if SparsityConfig.from_dict(sparsity_node(cfg)).enabled:  # the final weights, before testing the best ones
+        results["sparsity"] = sparsity_report(module.model)
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     if throughput is not None and throughput.tokens_per_s:
         results["train_tokens_per_s"] = round(throughput.tokens_per_s, 1)
