@@ -3,8 +3,8 @@
     python scripts/synthetic_check.py --steps 1500 --out outputs/synthetic_check            # GPU
     python scripts/synthetic_check.py --steps 30 --seq-len 64 --batch-size 16 hardware=cpu  # CPU smoke run
 
-A selective SSM (mamba) should solve selective copying and induction heads; LTI models (diag_ssm, s4d) should
-not, at equal size and steps. Each (task, model) is one `ssmlm-train` run in <out>/<task>/<label>; the table
+A selective SSM (mamba) should solve selective copying and induction heads; LTI models (diag_ssm, s4d, s4, s5)
+should not, at equal size and steps. By default every family runs (FAMILIES below). Each (task, model) is one `ssmlm-train` run in <out>/<task>/<label>; the table
 (test accuracy on the answers, chance = 1/n_tokens) is printed as Markdown and written to <out>/synthetic.md and
 synthetic.json. Extra arguments are ssmlm-train overrides for every run.
 
@@ -31,6 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# every family: LTI (diag_ssm, s4d, s4, s5), gated LTI (h3, hybrid), selective (mamba, hybrid with Mamba's SSM),
+# attention (transformer) and an SSM stack with one attention layer (hybrid_attn)
+FAMILIES = ["diag_ssm", "s4d", "s4", "s5", "h3", "hybrid", "hybrid_selective=hybrid model.ssm=selective", "mamba",
+            "transformer", "hybrid_attn"]
 
 
 def parse_model(spec: str) -> tuple[str, str, list[str]]:
@@ -110,7 +114,7 @@ def table(rows: list[dict], tasks: list[str], labels: list[str]) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["selective_copying", "induction_heads"])
-    p.add_argument("--models", nargs="+", default=["diag_ssm", "s4d", "mamba", "transformer"],
+    p.add_argument("--models", nargs="+", default=FAMILIES,
                    help="model= choices, each optionally 'label=model override ...' (quoted)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seq-len", type=int, default=256)
