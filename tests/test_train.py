@@ -13,7 +13,7 @@ import hydra
 import pytest
 import torch
 
-from ssmlm.errors import CheckpointError, ConfigError, DataError
+from ssmlm.errors import CheckpointError
 from ssmlm.train import train
 
 REPO = Path(__file__).resolve().parents[1]

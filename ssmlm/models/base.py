@@ -31,6 +31,13 @@ def set_optim(param: nn.Parameter, **hints: Any) -> nn.Parameter:
     return param
 
 
+def mark_ssm_dynamics(*params: nn.Parameter, lr: float | None) -> None:
+    """The S4 recipe for an SSM's dynamics (A, dt, ...): no weight decay and their own learning rate (``None``:
+    the global one)."""
+    for p in params:
+        set_optim(p, weight_decay=0.0, **({} if lr is None else {"lr": lr}))
+
+
 class LanguageModel(nn.Module, abc.ABC):
     """Base class: token embedding in, logits out, with a recurrent twin of the parallel form."""
 

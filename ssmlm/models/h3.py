@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, set_optim
-from ssmlm.models.s4d import INITS, check_ssm_sizes, final_state, init_A, vandermonde
+from ssmlm.models.base import BlockStackLM, mark_ssm_dynamics
+from ssmlm.models.s4d import INITS, check_ssm_sizes, discretise, final_state, init_A, vandermonde
 from ssmlm.ops.fftconv import causal_fft_conv
 
 
@@ -51,17 +51,13 @@ class H3Layer(nn.Module):
         self.log_dt = nn.Parameter(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         self.log_A_real = nn.Parameter(torch.log(-A.real).float())
         self.A_imag = nn.Parameter(A.imag.float())
-        hints = {"weight_decay": 0.0} if ssm_lr is None else {"weight_decay": 0.0, "lr": ssm_lr}
-        for p in (self.log_dt, self.log_A_real, self.A_imag):
-            set_optim(p, **hints)
+        mark_ssm_dynamics(self.log_dt, self.log_A_real, self.A_imag, lr=ssm_lr)
         self.C = nn.Parameter(torch.view_as_real(torch.randn(H, modes, dtype=torch.cfloat) / math.sqrt(modes)))
         self.D = nn.Parameter(torch.randn(H))
 
     def discretise(self) -> tuple[torch.Tensor, torch.Tensor]:
         """log dA and dB (B = 1, ZOH) of the diagonal SSM, both (H, N/2) complex."""
-        A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
-        dtA = A * torch.exp(self.log_dt)[:, None]
-        return dtA, (torch.exp(dtA) - 1) / A
+        return discretise(self.log_A_real, self.A_imag, self.log_dt)
 
     def _qkv(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hi = torch.promote_types(u.dtype, torch.float32)  # the SSMs run in fp32 at least

@@ -36,19 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, set_optim
-from ssmlm.models.s4d import INITS, check_ssm_sizes, final_state, init_A, vandermonde
+from ssmlm.models.base import BlockStackLM, mark_ssm_dynamics, set_optim
+from ssmlm.models.s4d import INITS, check_ssm_sizes, discretise, final_state, init_A, vandermonde
 from ssmlm.models.transformer import KVCache, TransformerBlock
 from ssmlm.ops.fftconv import causal_fft_conv
 from ssmlm.ops.selective_scan import check_backend, selective_scan
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
 DEFAULT_D_STATE = {"s4d": 32, "selective": 16}  # per channel; see conf/model/hybrid.yaml
-
-
-def _dynamics_hints(ssm_lr: float | None) -> dict:
-    """Optimizer hints for an SSM's A and dt: no weight decay and, as in S4, their own learning rate."""
-    return {"weight_decay": 0.0} if ssm_lr is None else {"weight_decay": 0.0, "lr": ssm_lr}
 
 
 class S4DSSM(nn.Module):
@@ -67,16 +62,13 @@ class S4DSSM(nn.Module):
         self.log_dt = nn.Parameter(torch.rand(dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         self.log_A_real = nn.Parameter(torch.log(-A.real).float())
         self.A_imag = nn.Parameter(A.imag.float())
-        for p in (self.log_dt, self.log_A_real, self.A_imag):
-            set_optim(p, **_dynamics_hints(ssm_lr))
+        mark_ssm_dynamics(self.log_dt, self.log_A_real, self.A_imag, lr=ssm_lr)
         self.C = nn.Parameter(torch.view_as_real(torch.randn(dim, modes, dtype=torch.cfloat)))
         self.D = nn.Parameter(torch.randn(dim))
 
     def discretise(self) -> tuple[torch.Tensor, torch.Tensor]:
         """log dA and dB (ZOH, B = 1), both (H, N/2) complex."""
-        A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
-        dtA = A * torch.exp(self.log_dt)[:, None]
-        return dtA, (torch.exp(dtA) - 1) / A
+        return discretise(self.log_A_real, self.A_imag, self.log_dt)
 
     def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
         """u: (batch, L, H) -> y (batch, L, H) [, state (batch, H, N/2) complex]; continues from ``state``."""
@@ -132,8 +124,7 @@ class SelectiveSSM(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(dim, 1))
         self.D = nn.Parameter(torch.ones(dim))
-        for p in (self.A_log, self.dt_proj.bias):
-            set_optim(p, **_dynamics_hints(ssm_lr))
+        mark_ssm_dynamics(self.A_log, self.dt_proj.bias, lr=ssm_lr)
         set_optim(self.D, weight_decay=0.0)
 
     def _dt_B_C(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -54,7 +54,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, PreNormBlock, set_optim
+from ssmlm.models.base import BlockStackLM, PreNormBlock, mark_ssm_dynamics
 from ssmlm.models.hippo import MEASURES, dplr
 from ssmlm.models.s4d import check_ssm_sizes
 from ssmlm.ops.fftconv import causal_fft_conv
@@ -277,10 +277,7 @@ class S4Layer(nn.Module):
         self.Lambda_imag = nn.Parameter(Lambda.imag.float().repeat(n_ssm, 1))
         self.P = nn.Parameter(torch.view_as_real(P[:, None].repeat(1, n_ssm, 1).to(torch.cfloat)))
         self.B = nn.Parameter(torch.view_as_real(B.repeat(n_ssm, 1).to(torch.cfloat)))
-        # The S4 recipe: the SSM's own parameters get no weight decay and their own (smaller) learning rate.
-        hints = {"weight_decay": 0.0} if ssm_lr is None else {"weight_decay": 0.0, "lr": ssm_lr}
-        for p in (self.log_dt, self.log_Lambda_real, self.Lambda_imag, self.P, self.B):
-            set_optim(p, **hints)
+        mark_ssm_dynamics(self.log_dt, self.log_Lambda_real, self.Lambda_imag, self.P, self.B, lr=ssm_lr)
 
         kernels = 2 if bidirectional else 1
         self.C = nn.Parameter(torch.view_as_real(torch.randn(kernels, H, modes, dtype=torch.cfloat)))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, PreNormBlock, set_optim
+from ssmlm.models.base import BlockStackLM, PreNormBlock, mark_ssm_dynamics
 from ssmlm.ops.fftconv import causal_fft_conv
 
 INITS = ("lin", "inv", "real", "legs")
@@ -104,6 +104,19 @@ def final_state(u: torch.Tensor, log_dA: torch.Tensor, dB: torch.Tensor, chunk: 
     return x * dB
 
 
+def discretise(log_A_real: torch.Tensor, A_imag: torch.Tensor, log_dt: torch.Tensor,
+               method: str = "zoh") -> tuple[torch.Tensor, torch.Tensor]:
+    """log dA and dB (B = 1), both (H, N/2) complex, of the diagonal A = -exp(log_A_real) + i A_imag (H, N/2)
+    with step exp(log_dt) (H,): ZOH, or bilinear (Tustin)."""
+    A = torch.complex(-torch.exp(log_A_real), A_imag)
+    dt = torch.exp(log_dt)[:, None]
+    dtA = A * dt
+    if method == "zoh":
+        return dtA, (torch.exp(dtA) - 1) / A
+    # bilinear: dA = (1 + dtA/2) / (1 - dtA/2), dB = dt / (1 - dtA/2)
+    return torch.log((1 + dtA / 2) / (1 - dtA / 2)), dt / (1 - dtA / 2)
+
+
 def check_ssm_sizes(d_state: int, dt_min: float, dt_max: float, kernel_chunk: int | None) -> None:
     """The config checks every diagonal complex SSM layer (S4D, H3's diagonal SSM) shares."""
     if d_state < 2 or d_state % 2:
@@ -139,10 +152,7 @@ class S4DLayer(nn.Module):
         self.log_dt = nn.Parameter(log_dt)
         self.log_A_real = nn.Parameter(torch.log(-A.real).float())
         self.A_imag = nn.Parameter(A.imag.float())
-        # The S4 recipe: the SSM's own parameters get no weight decay and their own (smaller) learning rate.
-        hints = {"weight_decay": 0.0} if ssm_lr is None else {"weight_decay": 0.0, "lr": ssm_lr}
-        for p in (self.log_dt, self.log_A_real, self.A_imag):
-            set_optim(p, **hints)
+        mark_ssm_dynamics(self.log_dt, self.log_A_real, self.A_imag, lr=ssm_lr)
 
         kernels = 2 if bidirectional else 1
         self.C = nn.Parameter(torch.view_as_real(torch.randn(kernels, H, modes, dtype=torch.cfloat)))
@@ -152,13 +162,7 @@ class S4DLayer(nn.Module):
 
     def discretise(self) -> tuple[torch.Tensor, torch.Tensor]:
         """log dA and dB (with B = 1), both (H, N/2) complex."""
-        A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
-        dt = torch.exp(self.log_dt)[:, None]
-        dtA = A * dt
-        if self.discretization == "zoh":
-            return dtA, (torch.exp(dtA) - 1) / A
-        # bilinear (Tustin): dA = (1 + dtA/2) / (1 - dtA/2), dB = dt / (1 - dtA/2)
-        return torch.log((1 + dtA / 2) / (1 - dtA / 2)), dt / (1 - dtA / 2)
+        return discretise(self.log_A_real, self.A_imag, self.log_dt, self.discretization)
 
     def kernel(self, L: int) -> torch.Tensor:
         """The convolution kernel(s) K: (kernels, H, L), kernels = 2 when bidirectional."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, PreNormBlock, set_optim
+from ssmlm.models.base import BlockStackLM, PreNormBlock, mark_ssm_dynamics
 from ssmlm.models.hippo import dplr
 from ssmlm.ops.fftconv import next_fast_len
 
@@ -68,9 +68,7 @@ class S5Layer(nn.Module):
         self.Lambda_imag = nn.Parameter(Lambda.imag.float())
         log_dt = torch.rand(modes) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         self.log_dt = nn.Parameter(log_dt)
-        hints = {"weight_decay": 0.0} if ssm_lr is None else {"weight_decay": 0.0, "lr": ssm_lr}
-        for p in (self.log_Lambda_real, self.Lambda_imag, self.log_dt):
-            set_optim(p, **hints)
+        mark_ssm_dynamics(self.log_Lambda_real, self.Lambda_imag, self.log_dt, lr=ssm_lr)
 
         # B and C drawn in the state basis, then moved to the eigenbasis: B~ = V^* B, C~ = C V.
         B = torch.randn(d_state, H, dtype=torch.float64) / math.sqrt(H)  # LeCun normal
