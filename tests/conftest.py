@@ -109,6 +109,19 @@ def check_recurrent_form(model, tokens, prompt: int, prefix: int, atol: float = 
         assert_states_close(cont_state, last, atol)
 
 
+def check_gradients_reach_every_parameter(model, vocab_size: int) -> None:
+    """A loss on a sequence continued from a state read in parallel gives every parameter a nonzero gradient."""
+    import torch
+
+    model.train()
+    tokens = torch.randint(0, vocab_size, (2, 12))
+    _, state = model(tokens[:, :5], return_state=True)
+    logits = model(tokens[:, 5:], state=state)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), tokens[:, 5:].reshape(-1)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 def check_causal(model, vocab_size: int, length: int = 20, at: int = 12, atol: float = 1e-10) -> None:
     """Changing the token at ``at`` changes no logit before it (to ``atol``), and some after it (fp64)."""
     import torch

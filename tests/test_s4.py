@@ -15,7 +15,7 @@ from ssmlm.models.hippo import MEASURES, transition
 from ssmlm.models.s4 import (DISCRETIZATIONS, MIN_DECAY, S4Layer, S4LM, hippo_half, krylov_products, readout,
                              real_form, solve_small)
 from ssmlm.train import train
-from conftest import check_causal, check_recurrent_form
+from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form
 from tiny_runs import TINY, tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,13 +176,7 @@ def test_causal_future_token_does_not_change_past_logits():
 
 
 def test_gradients_reach_every_parameter():
-    model = small_lm(init="legt").train()
-    tokens = torch.randint(0, 17, (2, 12))
-    _, state = model(tokens[:, :5], return_state=True)
-    logits = model(tokens[:, 5:], state=state)
-    torch.nn.functional.cross_entropy(logits.reshape(-1, 17), tokens[:, 5:].reshape(-1)).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    check_gradients_reach_every_parameter(small_lm(init="legt"), 17)
 
 
 def test_bidirectional_lm_refused_and_layer_is_noncausal():

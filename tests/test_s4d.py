@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from ssmlm.errors import ConfigError
 from ssmlm.models.s4d import DISCRETIZATIONS, INITS, S4DLayer, S4DLM, init_A, legs_diagonal
 from ssmlm.ops.fftconv import causal_fft_conv, next_fast_len
-from conftest import check_causal, check_recurrent_form
+from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
@@ -142,13 +142,7 @@ def test_bidirectional_lm_refused_and_layer_is_noncausal():
 
 
 def test_gradients_reach_every_parameter():
-    model = small_lm().float().train()
-    tokens = torch.randint(0, 17, (2, 12))
-    _, state = model(tokens[:, :5], return_state=True)
-    logits = model(tokens[:, 5:], state=state)
-    torch.nn.functional.cross_entropy(logits.reshape(-1, 17), tokens[:, 5:].reshape(-1)).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    check_gradients_reach_every_parameter(small_lm().float(), 17)
 
 
 def test_optimizer_hints_on_A_and_dt():
