@@ -192,7 +192,9 @@ def build_model(ckpt: dict, device: torch.device | str = "cpu", path: Path | Non
 def average_checkpoints(paths: list[Path], out_path: Path) -> Path:
     """Averages the weights of ``paths`` (same run) into one checkpoint at ``out_path``, written atomically.
 
-    Floating-point tensors are averaged in fp32 and cast back; anything else is taken from the first.
+    Floating-point tensors are averaged in fp32 and cast back; anything else is taken from the first, but for
+    sparsity masks (bool ``weight_mask`` buffers, ssmlm.sparsity): a weight is kept only where every checkpoint
+    kept it (a gradual run's masks shrink between checkpoints), and the averaged weight is zero elsewhere.
     """
     from ssmlm.callbacks import AtomicCheckpointIO
 
@@ -205,10 +207,16 @@ def average_checkpoints(paths: list[Path], out_path: Path) -> Path:
         for name, total in averaged.items():
             if total.is_floating_point():
                 total += state[name].float()
+            elif name.endswith(".weight_mask"):
+                total &= state[name]
     reference = model_state(first)
     for name, total in averaged.items():
         if total.is_floating_point():
             averaged[name] = (total / len(paths)).to(reference[name].dtype)
+    for name, mask in averaged.items():
+        if name.endswith(".weight_mask"):
+            weight = name.removesuffix("_mask")
+            averaged[weight] = averaged[weight] * mask
     ckpt = {
         "state_dict": averaged,
         "hyper_parameters": first["hyper_parameters"],

@@ -236,3 +236,19 @@ def test_resume_refuses_another_sparsity_config(gradual_run, make_cfg, tmp_path)
     (copy / "DONE").unlink()
     with pytest.raises(CheckpointError, match="different sparsity config"):
         train(make_cfg(*args, "sparsity.density=0.5", output_dir=copy))
+
+
+def test_weight_average_of_a_gradual_run_keeps_only_what_every_checkpoint_kept(gradual_run, tmp_path):
+    from ssmlm.run_dir import average_checkpoints, model_state, read_checkpoint
+
+    _, run = gradual_run
+    paths = [run / "checkpoints" / "last.prev.ckpt", run / "checkpoints" / "last.ckpt"]  # steps 20 and 30
+    at_20, at_30 = (model_state(read_checkpoint(p)) for p in paths)
+    averaged = model_state(read_checkpoint(average_checkpoints(paths, tmp_path / "avg.ckpt")))
+    masked = [k for k in averaged if k.endswith(MASK)]
+    assert masked
+    for name in masked:
+        weight = name.removesuffix("_mask")
+        assert torch.equal(averaged[name], at_20[name] & at_30[name])
+        assert (averaged[name] != at_20[name]).any() or (averaged[name] != at_30[name]).any()  # they differed
+        torch.testing.assert_close(averaged[weight], (at_20[weight] + at_30[weight]) / 2 * averaged[name])
