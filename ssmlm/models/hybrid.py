@@ -11,8 +11,8 @@ it back up. By default ``ssm_dim`` = d_inner and the SSM's output gates v direct
 
 The SSM (``ssm``), one scalar-input SSM per channel, is one of:
 
-* ``s4d``: S4D's diagonal complex SSM (N/2 conjugate modes, ZOH), time-invariant: an FFT convolution with the
-  kernel of :func:`ssmlm.models.s4d.vandermonde` in training, the recurrence in generation.
+* ``s4d``: S4D's diagonal complex SSM (:class:`ssmlm.models.s4d.DiagonalSSM`, the core of an S4D layer: N/2
+  conjugate modes, ZOH), time-invariant: an FFT convolution in training, the recurrence in generation.
 * ``selective``: Mamba's selective SSM (dt, B, C computed from the input; A real, S4D-Real init) through
   :func:`ssmlm.ops.selective_scan.selective_scan`. Mamba's short convolution is left out: the block here is
   the gated MLP, the same for both SSMs.
@@ -37,67 +37,12 @@ from torch import nn
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.base import BlockStackLM, mark_ssm_dynamics, set_optim
-from ssmlm.models.s4d import INITS, check_ssm_sizes, discretise, final_state, init_A, vandermonde
+from ssmlm.models.s4d import DiagonalSSM
 from ssmlm.models.transformer import KVCache, TransformerBlock
-from ssmlm.ops.fftconv import causal_fft_conv
 from ssmlm.ops.selective_scan import check_backend, selective_scan
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
 DEFAULT_D_STATE = {"s4d": 32, "selective": 16}  # per channel; see conf/model/hybrid.yaml
-
-
-class S4DSSM(nn.Module):
-    """S4D's diagonal SSM alone on (batch, L, H): y = K * u + D u, with no output non-linearity or projection."""
-
-    def __init__(self, dim: int, d_state: int = 32, init: str = "lin", dt_min: float = 1e-3, dt_max: float = 1e-1,
-                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024):
-        super().__init__()
-        check_ssm_sizes(d_state, dt_min, dt_max, kernel_chunk)
-        if init not in INITS:
-            raise ConfigError(f"model.init={init!r} is not an S4D initialisation; use one of {', '.join(INITS)}")
-        self.dim, self.d_state, self.kernel_chunk = dim, d_state, kernel_chunk
-        modes = d_state // 2
-        # as in S4D: dt log-uniform per channel, A kept as log(-Re A) so that Re A stays negative
-        A = init_A(init, d_state).expand(dim, modes).contiguous()
-        self.log_dt = nn.Parameter(torch.rand(dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        self.log_A_real = nn.Parameter(torch.log(-A.real).float())
-        self.A_imag = nn.Parameter(A.imag.float())
-        mark_ssm_dynamics(self.log_dt, self.log_A_real, self.A_imag, lr=ssm_lr)
-        self.C = nn.Parameter(torch.view_as_real(torch.randn(dim, modes, dtype=torch.cfloat)))
-        self.D = nn.Parameter(torch.randn(dim))
-
-    def discretise(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """log dA and dB (ZOH, B = 1), both (H, N/2) complex."""
-        return discretise(self.log_A_real, self.A_imag, self.log_dt)
-
-    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
-        """u: (batch, L, H) -> y (batch, L, H) [, state (batch, H, N/2) complex]; continues from ``state``."""
-        L = u.shape[1]
-        u_ch = u.transpose(1, 2).to(torch.promote_types(u.dtype, torch.float32))  # (batch, H, L), fp32 at least
-        log_dA, dB = self.discretise()
-        C = torch.view_as_complex(self.C)
-        y = causal_fft_conv(u_ch, vandermonde(C * dB, log_dA, L, self.kernel_chunk), self.D)
-        if state is not None:  # the initial state's contribution 2 Re(C dA^(t+1) x0)
-            y = y + vandermonde(C * torch.exp(log_dA) * state, log_dA, L, self.kernel_chunk)
-        y = y.transpose(1, 2).to(u.dtype)
-        if not return_state:
-            return y
-        new_state = final_state(u_ch, log_dA, dB, self.kernel_chunk)
-        if state is not None:
-            new_state = new_state + torch.exp(log_dA * L) * state
-        return y, new_state
-
-    def allocate_state(self, batch_size: int, device=None) -> torch.Tensor:
-        dtype = torch.promote_types(self.log_dt.dtype, torch.complex64)  # complex64, or complex128 in fp64
-        return torch.zeros(batch_size, self.dim, self.d_state // 2, dtype=dtype, device=device)
-
-    def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token: u (batch, H) -> (y (batch, H), new state)."""
-        log_dA, dB = self.discretise()
-        u_hi = u.to(torch.promote_types(u.dtype, torch.float32))
-        state = torch.exp(log_dA) * state + dB * u_hi[..., None]
-        y = 2 * (torch.view_as_complex(self.C) * state).real.sum(-1) + self.D * u_hi
-        return y.to(u.dtype), state
 
 
 class SelectiveSSM(nn.Module):
@@ -161,9 +106,9 @@ class SelectiveSSM(nn.Module):
 class GatedSSMBlock(nn.Module):
     """``x + dropout(W_o(W_up SSM(act(W_u LN x)) * act(W_v LN x)))``; W_up only when ssm_dim != d_inner."""
 
-    def __init__(self, d_model: int, d_inner: int, ssm: nn.Module, activation: str, dropout: float):
+    def __init__(self, d_model: int, d_inner: int, ssm_dim: int, ssm: nn.Module, activation: str, dropout: float):
         super().__init__()
-        self.ssm_dim, self.d_inner = ssm.dim, d_inner
+        self.ssm_dim, self.d_inner = ssm_dim, d_inner
         self.act = ACTIVATIONS[activation]
         self.norm = nn.LayerNorm(d_model)
         self.in_proj = nn.Linear(d_model, self.ssm_dim + d_inner)  # W_u and W_v in one matmul
@@ -177,6 +122,7 @@ class GatedSSMBlock(nn.Module):
         return self.act(u), self.act(v)
 
     def _residual(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        y = y.to(v.dtype)  # S4D's SSM computes in fp32 at least
         if self.up_proj is not None:
             y = self.up_proj(y)
         return x + self.dropout(self.out_proj(y * v))
@@ -287,17 +233,18 @@ class HybridLM(BlockStackLM):
         self.max_seq_len = max_seq_len if self.attn_layers else None
         d_state = DEFAULT_D_STATE[ssm] if d_state is None else d_state
 
+        dim = d_inner if ssm_dim is None else ssm_dim
+
         def ssm_layer() -> nn.Module:
-            dim = d_inner if ssm_dim is None else ssm_dim
             if ssm == "s4d":
-                return S4DSSM(dim, d_state=d_state, init=init, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr,
-                              kernel_chunk=kernel_chunk)
+                return DiagonalSSM(dim, d_state=d_state, init=init, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr,
+                                   kernel_chunk=kernel_chunk)
             return SelectiveSSM(dim, d_state=d_state, dt_rank=dt_rank, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr,
                                 scan_backend=scan_backend)
 
         self._build_stack(vocab_size, d_model, (
             AttentionBlock(d_model, head_dim, mlp_ratio, dropout) if i in self.attn_layers
-            else GatedSSMBlock(d_model, d_inner, ssm_layer(), activation, dropout)
+            else GatedSSMBlock(d_model, d_inner, dim, ssm_layer(), activation, dropout)
             for i in range(n_layers)
         ))
 

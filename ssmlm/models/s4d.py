@@ -127,16 +127,17 @@ def check_ssm_sizes(d_state: int, dt_min: float, dt_max: float, kernel_chunk: in
         raise ConfigError(f"model.kernel_chunk={kernel_chunk} must be a positive int or null (unchunked)")
 
 
-class S4DLayer(nn.Module):
-    """One S4D layer on (batch, L, H): SSM convolution + D skip -> GELU -> dropout -> Linear(H, 2H) -> GLU.
+class DiagonalSSM(nn.Module):
+    """S4D's SSM alone on (batch, L, H): y = K * u + D u (an FFT convolution) in training, the recurrence in
+    generation; no output non-linearity or projection. The output is fp32 (at least) whatever u's dtype.
 
-    ``bidirectional`` adds a second kernel run backwards in time (non-causal use only: it has no
-    recurrent form). ``kernel_chunk`` bounds the memory of computing kernels and states (see
-    :func:`vandermonde`); it changes nothing else.
+    ``bidirectional`` adds a second kernel run backwards in time (non-causal use only: it has no recurrent
+    form). ``kernel_chunk`` bounds the memory of computing kernels and states (see :func:`vandermonde`); it
+    changes nothing else.
     """
 
     def __init__(self, d_model: int, d_state: int = 64, init: str = "lin", discretization: str = "zoh",
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.0, bidirectional: bool = False,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, bidirectional: bool = False,
                  ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024):
         super().__init__()
         check_ssm_sizes(d_state, dt_min, dt_max, kernel_chunk)
@@ -157,8 +158,6 @@ class S4DLayer(nn.Module):
         kernels = 2 if bidirectional else 1
         self.C = nn.Parameter(torch.view_as_real(torch.randn(kernels, H, modes, dtype=torch.cfloat)))
         self.D = nn.Parameter(torch.randn(H))
-        self.dropout = nn.Dropout(dropout)
-        self.out_proj = nn.Linear(H, 2 * H)
 
     def discretise(self) -> tuple[torch.Tensor, torch.Tensor]:
         """log dA and dB (with B = 1), both (H, N/2) complex."""
@@ -170,7 +169,7 @@ class S4DLayer(nn.Module):
         return vandermonde(torch.view_as_complex(self.C) * dB, log_dA, L, self.kernel_chunk)
 
     def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
-        """u: (batch, L, H). With ``state`` (batch, H, N/2) the sequence continues from it."""
+        """u: (batch, L, H) -> y (batch, L, H) [, state (batch, H, N/2) complex]; continues from ``state``."""
         if self.bidirectional and (state is not None or return_state):
             raise ConfigError("a bidirectional S4D layer has no recurrent state: set model.bidirectional=false")
         L = u.shape[1]
@@ -184,8 +183,7 @@ class S4DLayer(nn.Module):
             y = y + causal_fft_conv(u_ch.flip(-1), K_back).flip(-1)
         if state is not None:  # the initial state's contribution 2 Re(C dA^(t+1) x0)
             y = y + vandermonde(C[0] * torch.exp(log_dA) * state, log_dA, L, self.kernel_chunk)
-        y = self.dropout(F.gelu(y)).transpose(1, 2)
-        y = F.glu(self.out_proj(y.to(u.dtype)), dim=-1)
+        y = y.transpose(1, 2)
         if not return_state:
             return y
         new_state = final_state(u_ch, log_dA, dB, self.kernel_chunk)
@@ -205,8 +203,35 @@ class S4DLayer(nn.Module):
         u_hi = u.to(torch.promote_types(u.dtype, torch.float32))
         state = torch.exp(log_dA) * state + dB * u_hi[..., None]
         y = 2 * (torch.view_as_complex(self.C)[0] * state).real.sum(-1) + self.D * u_hi
-        y = self.dropout(F.gelu(y))
-        return F.glu(self.out_proj(y.to(u.dtype)), dim=-1), state
+        return y, state
+
+
+class S4DLayer(DiagonalSSM):
+    """One S4D layer on (batch, L, H): the diagonal SSM (convolution + D skip) -> GELU -> dropout ->
+    Linear(H, 2H) -> GLU."""
+
+    def __init__(self, d_model: int, d_state: int = 64, init: str = "lin", discretization: str = "zoh",
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.0, bidirectional: bool = False,
+                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024):
+        super().__init__(d_model, d_state, init, discretization, dt_min, dt_max, bidirectional, ssm_lr, kernel_chunk)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(d_model, 2 * d_model)
+
+    def _output(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return F.glu(self.out_proj(self.dropout(F.gelu(y)).to(dtype)), dim=-1)
+
+    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
+        """u: (batch, L, H). With ``state`` (batch, H, N/2) the sequence continues from it."""
+        out = super().forward(u, state, return_state)
+        if not return_state:
+            return self._output(out, u.dtype)
+        y, state = out
+        return self._output(y, u.dtype), state
+
+    def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token: u (batch, H), state (batch, H, N/2) -> (y (batch, H), new state)."""
+        y, state = super().step(u, state)
+        return self._output(y, u.dtype), state
 
 
 class S4DLM(BlockStackLM):
