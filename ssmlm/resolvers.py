@@ -68,11 +68,13 @@ def run_id(override_dirname: str) -> str:
     return name
 
 
-def wandb_id(output_dir: str) -> str:
+def wandb_id(output_dir: str | None) -> str | None:
     """The run's wandb id: created once, stored in the run dir, reused by every restart of the run.
 
     Created by a hard link, which fails if the file exists: when several DDP ranks resolve it at once, the first
     one's id wins and all of them read it back."""
+    if output_dir is None:  # `--cfg job --resolve` prints the config before there is a run dir: no id yet
+        return None
     path = Path(output_dir) / "wandb_id.txt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,11 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from ssmlm.conf_dir import config_dir
 from ssmlm.data.tokenizers import tokenizer_from_dict
 from ssmlm.errors import CheckpointError, ConfigError, DataError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = config_dir()
 # the score ModelCheckpoint writes into the file name (conf/callbacks/default.yaml), "-v1" on a name clash
 SCORE_IN_NAME = re.compile(r"ppl(?P<score>[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|nan|inf)(?:-v\d+)?\.ckpt$")
 # torch.compile wraps the model; its checkpoints name parameters "model._orig_mod.<name>"

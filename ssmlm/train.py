@@ -32,13 +32,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ssmlm import resolvers, slurm, sweep
 from ssmlm.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumableCSVLogger, RunInfo, TokenThroughput
+from ssmlm.conf_dir import config_dir
 from ssmlm.errors import CheckpointError, SsmlmError
 from ssmlm.lm import LMModule
 from ssmlm.sparsity import SparsityConfig, callbacks_for, sparsity_report
 
 resolvers.register()
 log = logging.getLogger("ssmlm.train")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = config_dir()
 STEP_IN_NAME = re.compile(r"step(\d+)")
 
 

@@ -1,8 +1,8 @@
 """Byte-level token files: a text file tokenised once, in blocks, into a memory-mappable uint16 array.
 
-``<file>.u16.bin`` holds the ids (little-endian uint16, see :class:`~ssmlm.data.tokenizers.ByteTokenizer`)
-and ``<file>.u16.bin.json`` describes the source it was made from. The cache lives next to the source when
-that directory is writable, else in ``cache_dir``.
+``<cache_dir>/tokens/<file>.<path hash>.u16.bin`` holds the ids (little-endian uint16, see
+:class:`~ssmlm.data.tokenizers.ByteTokenizer`) and ``….u16.bin.json`` describes the source it was made from.
+It is a derived file, so it goes to the cache dir (``data.cache_dir``), never next to the user's source data.
 
 Freshness check, cheap for multi-GB sources: the cache is reused when the source's size and mtime are
 unchanged *and* a fingerprint of its size, first and last MiB still matches (this catches edits that keep
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ssmlm.data.download import directory_lock, sha256_of, writable_dir
+from ssmlm.data.files import directory_lock, sha256_of, user_cache_dir
 from ssmlm.data.tokenizers import BOUNDARY_LINE, encode_bytes
 from ssmlm.errors import DataError
 
@@ -41,13 +41,11 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_candidates(source: Path, cache_dir: Path | None) -> list[Path]:
-    """Where the token file of ``source`` may live: next to it, then in ``cache_dir`` (named uniquely)."""
-    candidates = [source.with_name(source.name + ".u16.bin")]
-    if cache_dir is not None:
-        tag = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
-        candidates.append(Path(cache_dir).expanduser() / f"{source.name}.{tag}.u16.bin")
-    return candidates
+def cache_path(source: Path, cache_dir: Path | None) -> Path:
+    """Where the token file of ``source`` lives: under ``cache_dir`` (default: the per-user cache), named by
+    the source's file name and a hash of its absolute path, so two sources never share a cache file."""
+    tag = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
+    return Path(cache_dir or user_cache_dir()).expanduser() / "tokens" / f"{source.name}.{tag}.u16.bin"
 
 
 def _meta_path(bin_path: Path) -> Path:
@@ -126,19 +124,15 @@ def token_file(source: Path, cache_dir: Path | None, key: str) -> Path:
     """The fresh token file of ``source``, tokenising it first if no fresh cache exists."""
     if source.stat().st_size == 0:
         raise DataError(f"{source} ({key}) is empty. Point {key} at a file with text in it.")
-    candidates = cache_candidates(source, cache_dir)
-    for bin_path in candidates:
-        if bin_path.exists() and _is_fresh(bin_path, source):
-            return bin_path
-    beside, *elsewhere = candidates
-    for bin_path in ([beside] if writable_dir(beside.parent) else []) + elsewhere:
-        try:
-            bin_path.parent.mkdir(parents=True, exist_ok=True)
-            with directory_lock(bin_path.parent):
-                if not (bin_path.exists() and _is_fresh(bin_path, source)):  # another rank may have built it
-                    tokenize_file(source, bin_path)
-            return bin_path
-        except OSError:
-            continue
-    raise DataError(f"cannot write the token cache of {source}: neither its directory nor data.cache_dir "
-                    f"({cache_dir}) is writable. Set data.cache_dir to a writable directory.")
+    bin_path = cache_path(source, cache_dir)
+    if bin_path.exists() and _is_fresh(bin_path, source):
+        return bin_path
+    try:
+        bin_path.parent.mkdir(parents=True, exist_ok=True)
+        with directory_lock(bin_path.parent):
+            if not (bin_path.exists() and _is_fresh(bin_path, source)):  # another rank may have built it
+                tokenize_file(source, bin_path)
+    except OSError as e:
+        raise DataError(f"cannot write the token cache of {source} ({key}) into {bin_path.parent} ({e}). Set "
+                        f"data.cache_dir (or SSMLM_CACHE_DIR) to a writable directory.") from None
+    return bin_path

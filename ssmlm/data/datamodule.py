@@ -28,7 +28,7 @@ import lightning as L
 import numpy as np
 
 from ssmlm.data import byte_cache
-from ssmlm.data.download import ensure_files
+from ssmlm.data.download import resolve_files
 from ssmlm.data.text import FORMATS, line_cuts, read_text
 from ssmlm.data.tokenizers import ByteTokenizer, CharTokenizer, tokenizer_from_dict
 from ssmlm.data.windows import SAMPLING, TokenArray, make_loader
@@ -50,7 +50,7 @@ class TokenDataModule(L.LightningDataModule):
                  seq_len: int = 256, batch_size: int = 32, sampling: str = "chunks", num_workers: int = 0,
                  seed: int = 0, vocab_path: str | None = None, download: bool = False,
                  sources: Sequence[Mapping] = (), split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
-                 progress: bool = True):
+                 cache_dir: str | None = None, progress: bool = True):
         super().__init__()
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ConfigError(f"data.seq_len={seq_len!r} must be a positive integer")
@@ -66,6 +66,9 @@ class TokenDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.vocab_path = _optional_path(vocab_path)
         self.download, self.sources, self.progress = download, list(sources), progress
+        # derived files (decompressed built-in corpus, token caches); None: the per-user cache dir
+        self.cache_dir = _optional_path(cache_dir)
+        self.files: dict[str, Path] = {}  # split -> the file actually read (see download.resolve_files)
         self.split_fractions = list(split_fractions)
         self.tokenizer: CharTokenizer | ByteTokenizer | None = None
         self.splits: dict[str, TokenArray] = {}
@@ -80,11 +83,15 @@ class TokenDataModule(L.LightningDataModule):
         return [s for s in ("val", "test") if self.paths[s] is None]
 
     def _ensure(self, names) -> None:
-        files = {s for s in names if self.paths[s] is not None}
+        """Find (or fetch) the file of each named split once; ``self.files`` then says which copy is read."""
+        needed = {s for s in names if self.paths[s] is not None}
         if set(names) & set(self.carved):
-            files.add("train")
-        ensure_files({KEYS[s]: self.paths[s] for s in SPLITS if s in files}, self.sources, self.download,
-                     self.progress)
+            needed.add("train")
+        missing = [s for s in SPLITS if s in needed and s not in self.files]
+        if missing:
+            found = resolve_files({KEYS[s]: self.paths[s] for s in missing}, self.sources, self.download,
+                                  self.cache_dir, self.progress)
+            self.files.update({s: found[KEYS[s]] for s in missing})
 
     def _carve(self, length: int, find_newline) -> dict[str, tuple[int, int]]:
         """(start, stop) of train and of each carved split inside the training file."""
@@ -121,8 +128,8 @@ class TokenDataModule(L.LightningDataModule):
 
     def _describe(self, name: str) -> str:
         if self.paths[name] is not None:
-            return f"{self.paths[name]} ({KEYS[name]})"
-        return f"carved from {self.paths['train']} because {KEYS[name]} is null"
+            return f"{self.files.get(name, self.paths[name])} ({KEYS[name]})"
+        return f"carved from {self.files.get('train', self.paths['train'])} because {KEYS[name]} is null"
 
     # ------------------------------------------------------------------------------------------- tokenizer
     def _load_or_save_tokenizer(self, build):
@@ -262,12 +269,12 @@ class CharDataModule(TokenDataModule):
         texts = {}
         if "train" in names or set(names) & set(self.carved) or (self.tokenizer is None and not vocab_saved):
             self._ensure(["train"])
-            train = read_text(self.paths["train"], self.format, KEYS["train"])
+            train = read_text(self.files["train"], self.format, KEYS["train"])
             for name, (start, stop) in self._carve(len(train), lambda i: _find(train, "\n", i)).items():
                 texts[name] = train[start:stop]
         for name in names:
             if name not in texts:
-                texts[name] = read_text(self.paths[name], self.format, KEYS[name])
+                texts[name] = read_text(self.files[name], self.format, KEYS[name])
         if self.tokenizer is None:
             self.tokenizer = self._load_or_save_tokenizer(lambda: CharTokenizer.build(texts["train"]))
         for name, text in texts.items():
@@ -282,18 +289,14 @@ def _find(text: str, sub: str, start: int) -> int:
 class ByteDataModule(TokenDataModule):
     """UTF-8 bytes (ids 0-255) plus a document-boundary token (id 256) for each ``<|endoftext|>`` line.
 
-    Each file is tokenised once, streaming, into a memory-mapped ``<file>.u16.bin`` cache (next to the
-    file, or in ``cache_dir`` when that directory is read-only), so multi-GB corpora never sit in RAM.
+    Each file is tokenised once, streaming, into a memory-mapped ``.u16.bin`` cache under ``cache_dir``
+    (never next to the source), so multi-GB corpora never sit in RAM.
     """
 
     tokenizer_cls = ByteTokenizer
 
-    def __init__(self, *args, cache_dir: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.cache_dir = _optional_path(cache_dir)
-
     def _token_array(self, name: str) -> TokenArray:
-        return TokenArray(path=byte_cache.token_file(self.paths[name], self.cache_dir, KEYS[name]))
+        return TokenArray(path=byte_cache.token_file(self.files[name], self.cache_dir, KEYS[name]))
 
     def prepare_data(self) -> None:
         super().prepare_data()

@@ -1,187 +1,123 @@
-"""Fetching the public data files: resumable HTTP downloads with checksums, and the Premchand recipe.
+"""Where a data file comes from: the user's copy, the corpus built into ssmlm, or a download.
 
-A data config lists ``sources``: what to fetch when one of its files is missing and ``download: true``.
-Each source is either a plain file::
+A data config lists ``sources``: what stands in for one of its files when that file is missing. In order of
+preference, :func:`resolve_files` uses
 
-    {path: <local file>, url: <https URL>, sha256: <hex or null>}
+1. the file at the configured path (``paths.data_dir``, or a path you set), when it exists;
+2. a ``builtin`` source: the copy shipped inside the package (:mod:`ssmlm.data.builtin_corpus`), decompressed
+   once into ``data.cache_dir``; no network involved::
 
-or a recipe that assembles several files (see :func:`build_premchand`)::
+       {builtin: hindi/premchand, dir: <local dir>}     # <local dir>/train.txt -> hindi/premchand/train.txt
 
-    {recipe: premchand, dir: <local dir>, repo: owner/name, commit: <sha>, sha256: {train.txt: <hex>, ...}}
+3. a download, only when ``data.download`` is true, to the configured path:
 
-Downloads go to ``<file>.part`` (resumed with an HTTP Range request after an interruption), are checked
-against the known sha256 and renamed into place atomically. When no sha256 is known, the one of the
-downloaded file is written to ``<file>.sha256`` (``sha256sum -c`` format) and checked on later use.
+       {path: <local file>, hf_repo: owner/name, hf_file: <file in the repo>, revision: <commit or branch>}
+       {path: <local file>, url: <https URL>, sha256: <hex or null>}
+       {recipe: premchand, dir: <local dir>, repo: owner/name, commit: <sha>, sha256: {train.txt: <hex>, ...}}
+
+Hugging Face files go through ``huggingface_hub.hf_hub_download`` (resumable, honours ``HF_ENDPOINT`` and
+``HF_HUB_OFFLINE``), URLs through ``pooch`` (checksummed). Either way a file appears at its path only when
+complete; a failed download leaves nothing there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import http.client
 import json
+import logging
 import os
 import shutil
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ssmlm.data import builtin_corpus
+from ssmlm.data.files import directory_lock, sha256_of, writable_dir
 from ssmlm.errors import DataError
 
-CHUNK = 1 << 20
-# Files up to this size are re-hashed whenever they are used; larger ones only when modified after download.
-ALWAYS_VERIFY_BYTES = 64 << 20
-USER_AGENT = "ssmlm-data/1"
+log = logging.getLogger(__name__)
+
 LOCAL_FILES_HINT = ("To use local copies instead, point the config at them (e.g. data.train_path=/path/to/train.txt) "
                     "or set SSMLM_DATA_DIR to a directory that holds the data layout; data.download=false never "
                     "fetches anything.")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+def _progress_bar(name: str, progress: bool) -> tqdm:
+    return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {name}", disable=not progress)
 
 
-def sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+def download_url(url: str, dest: Path, sha256: str | None = None, progress: bool = True) -> Path:
+    """Fetch ``url`` to ``dest`` with pooch: written to a temporary file, checked against ``sha256``, then
+    renamed into place, so ``dest`` is either complete or absent."""
+    import pooch
+    import requests
 
-
-@contextlib.contextmanager
-def directory_lock(directory: Path) -> Iterator[None]:
-    """An exclusive lock on a directory, so that several processes (DDP ranks) fetch or build a file once.
-
-    The lock is taken on the directory itself, so no lock file is left behind.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock, the atomic renames still keep files whole
-        yield
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def writable_dir(directory: Path) -> bool:
-    """Writable, and not marked read-only by its mode bits (which root's access check would ignore)."""
-    try:
-        return os.access(directory, os.W_OK) and bool(directory.stat().st_mode & 0o222)
-    except OSError:
-        return False
-
-
-def _open(url: str, offset: int, timeout: float):
-    headers = {"User-Agent": USER_AGENT}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-
-
-def _network_error(dest: Path, url: str, err: Exception) -> DataError:
-    reason = f"HTTP {err.code} {err.reason}" if isinstance(err, urllib.error.HTTPError) else (
-        str(getattr(err, "reason", None) or err))
-    return DataError(f"could not download {dest} from {url}: {reason}. {LOCAL_FILES_HINT}")
-
-
-def download_file(url: str, dest: Path, sha256: str | None = None, progress: bool = True,
-                  timeout: float = 60.0) -> Path:
-    """Fetch ``url`` to ``dest``: resumable, checksummed, renamed into place only when complete."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    digest = hashlib.sha256()
+    downloader = pooch.HTTPDownloader(progressbar=_progress_bar(dest.name, progress) if progress else False)
     try:
-        response = _open(url, offset, timeout)
-    except urllib.error.HTTPError as e:
-        if e.code != 416 or not offset:
-            raise _network_error(dest, url, e) from None
-        response = None  # 416: nothing after `offset`, the partial file is already complete
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise _network_error(dest, url, e) from None
-
-    if response is not None:
-        with response:
-            if offset and response.status != 206:
-                offset = 0  # the server ignored the Range header: start over
-            if offset:
-                with open(part, "rb") as f:
-                    while block := f.read(CHUNK):
-                        digest.update(block)
-            length = response.headers.get("Content-Length")
-            total = offset + int(length) if length is not None else None
-            bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                       desc=f"download {dest.name}", disable=not progress)
-            try:
-                with open(part, "ab" if offset else "wb") as f, bar:
-                    while block := response.read(CHUNK):
-                        f.write(block)
-                        digest.update(block)
-                        bar.update(len(block))
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-                raise DataError(f"download of {url} was interrupted ({e}); the partial file {part} is kept and "
-                                f"the next run resumes it. {LOCAL_FILES_HINT}") from None
-            if total is not None and part.stat().st_size != total:
-                raise DataError(f"download of {url} ended early ({part.stat().st_size} of {total} bytes); the "
-                                f"partial file {part} is kept and the next run resumes it.")
-    else:
-        with open(part, "rb") as f:
-            while block := f.read(CHUNK):
-                digest.update(block)
-
-    actual = digest.hexdigest()
-    if sha256 is not None and actual != sha256.lower():
-        part.unlink()
-        raise DataError(f"{url} downloaded to {dest} has sha256 {actual}, but the data config expects {sha256}. "
-                        f"The partial download was deleted; run again to retry. If the file changed upstream, "
-                        f"update the sha256 in the data config.")
-    os.replace(part, dest)
-    if sha256 is None:
-        sidecar(dest).write_text(f"{actual}  {dest.name}\n")
+        pooch.retrieve(url, known_hash=f"sha256:{sha256.lower()}" if sha256 else None, fname=dest.name,
+                       path=dest.parent, downloader=downloader, progressbar=progress)
+    except requests.HTTPError as e:
+        raise DataError(f"could not download {dest} from {url}: HTTP {e.response.status_code} "
+                        f"{e.response.reason}. {LOCAL_FILES_HINT}") from None
+    except (requests.RequestException, OSError) as e:
+        raise DataError(f"could not download {dest} from {url} ({type(e).__name__}: no network?). "
+                        f"{LOCAL_FILES_HINT}") from None
+    except ValueError as e:  # pooch: the hash of the downloaded file differs; the file was not kept
+        raise DataError(f"{url} downloaded for {dest} does not match the sha256 {sha256} of the data config "
+                        f"({e}); nothing was kept. If the file changed upstream, update the sha256 in the data "
+                        f"config.") from None
     return dest
 
 
-def check_file(path: Path, sha256: str | None) -> None:
-    """Verify a previously fetched file against the known sha256, or the one recorded at download time.
+def download_hf(repo: str, filename: str, dest: Path, revision: str | None = None, repo_type: str = "dataset",
+                endpoint: str | None = None, progress: bool = True) -> Path:
+    """Fetch ``filename`` of the Hugging Face repo ``repo`` to ``dest`` with ``hf_hub_download``.
 
-    Small files are always re-hashed; large ones only when modified after their ``.sha256`` was written,
-    so a multi-GB file does not cost a full read at every start.
+    It downloads into ``dest``'s folder (``local_dir``), keeping an interrupted transfer under
+    ``.cache/huggingface/`` there and resuming it next time; ``dest`` appears only when complete.
     """
-    recorded = sidecar(path)
-    if sha256 is None and not recorded.exists():
-        return
-    size = path.stat().st_size
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    dest = Path(dest)
+    if Path(filename).name != dest.name:
+        raise DataError(f"the source of {dest} downloads {filename} from {repo}: the file names must match "
+                        f"(check data.sources).")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        got = huggingface_hub.hf_hub_download(
+            repo, filename, repo_type=repo_type, revision=revision, local_dir=dest.parent, endpoint=endpoint,
+            tqdm_class=None if progress else _SilentBar)
+    except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError) as e:
+        raise DataError(f"could not download {dest} from the Hugging Face Hub ({repo}, {filename}): offline "
+                        f"({type(e).__name__}). {LOCAL_FILES_HINT}") from None
+    except (hf_errors.HfHubHTTPError, OSError) as e:
+        raise DataError(f"could not download {dest} from the Hugging Face Hub ({repo}, {filename}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. {LOCAL_FILES_HINT}") from None
+    got = Path(got)
+    if got.resolve() != dest.resolve():  # a subfolder in `filename`: move it to where the config expects it
+        os.replace(got, dest)
+    return dest
+
+
+class _SilentBar(tqdm):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": True})
+
+
+def check_file(path: Path, sha256: str | None) -> None:
+    """Verify a file a source names against the sha256 the data config knows for it (if any)."""
     if sha256 is None:
-        if size > ALWAYS_VERIFY_BYTES and path.stat().st_mtime_ns <= recorded.stat().st_mtime_ns:
-            return
-        sha256 = (recorded.read_text().split() or [""])[0]
+        return
     actual = sha256_of(path)
     if actual != sha256.lower():
         raise DataError(f"{path} has sha256 {actual} but {sha256} was expected (it changed since it was "
                         f"downloaded, or it is not the published file). Delete it to download it again, or, if "
                         f"it is your own data, point the config at it under another path (or set "
                         f"data.download=false).")
-
-
-def _github_listing(url: str, timeout: float) -> list[str]:
-    try:
-        with _open(url, 0, timeout) as response:
-            entries = json.loads(response.read().decode("utf-8"))
-    except (urllib.error.URLError, OSError) as e:
-        raise DataError(f"could not list the source files at {url}: "
-                        f"{getattr(e, 'reason', None) or e}. {LOCAL_FILES_HINT}") from None
-    except ValueError as e:
-        raise DataError(f"{url} did not return a JSON file listing ({e}).") from None
-    return [entry["name"] for entry in entries if isinstance(entry, dict) and entry.get("type", "file") == "file"]
 
 
 def premchand_split(names: Sequence[str]) -> dict[str, list[str]]:
@@ -192,29 +128,34 @@ def premchand_split(names: Sequence[str]) -> dict[str, list[str]]:
     return splits
 
 
-def build_premchand(source: Mapping, progress: bool = True, timeout: float = 60.0) -> None:
+def build_premchand(source: Mapping, progress: bool = True) -> None:
     """Assemble the Premchand train/valid/test split (see shared/data/SOURCES.md) from its GitHub repo.
 
     The story files ``input/<story>.txt`` at the pinned commit are sorted by file name and numbered from 0;
     story i goes to valid if i % 10 == 8, to test if i % 10 == 9, else to train. Each story is decoded as
     UTF-8, CRLF -> LF, stripped; a split is its stories joined with one blank line, plus a final newline.
-    Each result must match its known sha256 before any file is written.
+    Each result must match its known sha256 before any file is written. (ssmlm ships this split built in:
+    this recipe only runs when that copy is missing.)
     """
     out_dir = Path(source["dir"])
     repo, commit = source["repo"], source["commit"]
-    list_url = source.get("list_url") or "https://api.github.com/repos/{repo}/contents/input?ref={commit}"
+    list_url = (source.get("list_url") or "https://api.github.com/repos/{repo}/contents/input?ref={commit}").format(
+        repo=repo, commit=commit)
     raw_url = source.get("raw_url") or "https://raw.githubusercontent.com/{repo}/{commit}/input/{name}"
     expected = dict(source["sha256"])
-
-    names = sorted(n for n in _github_listing(list_url.format(repo=repo, commit=commit), timeout)
-                   if n.endswith(".txt") and n != "combined_data.txt")
-    if not names:
-        raise DataError(f"{list_url.format(repo=repo, commit=commit)} lists no input/*.txt story files.")
     stories_dir = out_dir / f".premchand-{commit[:12]}"
+
+    listing = download_url(list_url, stories_dir / "listing.json", progress=False)
+    try:
+        entries = json.loads(listing.read_text(encoding="utf-8"))
+        names = sorted(e["name"] for e in entries if isinstance(e, dict) and e.get("type", "file") == "file"
+                       and e["name"].endswith(".txt") and e["name"] != "combined_data.txt")
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{list_url} did not return a JSON file listing ({e}).") from None
+    if not names:
+        raise DataError(f"{list_url} lists no input/*.txt story files.")
     for name in tqdm(names, desc=f"download {repo} stories", unit="file", disable=not progress):
-        if not (stories_dir / name).exists():
-            download_file(raw_url.format(repo=repo, commit=commit, name=name), stories_dir / name,
-                          progress=False, timeout=timeout)
+        download_url(raw_url.format(repo=repo, commit=commit, name=name), stories_dir / name, progress=False)
 
     assembled = {}
     for split, files in premchand_split(names).items():
@@ -237,45 +178,69 @@ RECIPES = {"premchand": build_premchand}
 
 
 def _targets(source: Mapping) -> list[Path]:
-    """The files a source produces."""
+    """The files a source produces (or, for a built-in source, stands in for)."""
+    if "builtin" in source:
+        return [Path(source["dir"]) / name for name in builtin_corpus.files(source["builtin"])]
     if "recipe" in source:
         return [Path(source["dir"]) / name for name in source["sha256"]]
     return [Path(source["path"])]
 
 
 def _expected_sha256(source: Mapping, path: Path) -> str | None:
+    if "builtin" in source:
+        return builtin_corpus.checksums()[f"{source['builtin']}/{path.name}"]
     if "recipe" in source:
         return source["sha256"][path.name]
     return source.get("sha256")
 
 
-def _fetch(source: Mapping, progress: bool) -> None:
+def _where(source: Mapping) -> str:
+    return source.get("url") or source.get("hf_repo") or source.get("repo") or "?"
+
+
+def _fetch(source: Mapping, path: Path, progress: bool) -> None:
     if "recipe" in source:
         if source["recipe"] not in RECIPES:
             raise DataError(f"unknown download recipe {source['recipe']!r} in data.sources "
                             f"(known: {', '.join(RECIPES)})")
         RECIPES[source["recipe"]](source, progress=progress)
+    elif "hf_repo" in source:
+        download_hf(source["hf_repo"], source.get("hf_file") or path.name, path, revision=source.get("revision"),
+                    repo_type=source.get("repo_type", "dataset"), endpoint=source.get("endpoint"),
+                    progress=progress)
     else:
-        download_file(source["url"], Path(source["path"]), source.get("sha256"), progress=progress)
+        download_url(source["url"], path, source.get("sha256"), progress=progress)
 
 
-def ensure_files(required: Mapping[str, Path], sources: Sequence[Mapping], download: bool,
-                 progress: bool = True) -> None:
-    """Make sure each required file (config key -> path) exists, fetching missing ones when ``download``.
+def resolve_files(required: Mapping[str, Path], sources: Sequence[Mapping], download: bool,
+                  cache_dir: Path | None = None, progress: bool = True) -> dict[str, Path]:
+    """The file to read for each required one (config key -> path), logging which copy each key uses.
 
-    A file is fetched only by a source that names exactly that path, so a user's own (missing) file is never
-    replaced by a public download. Files that a source produces are verified against their checksums.
+    A path that exists is used as is (and verified when a source knows its checksum). A missing one is
+    replaced by the built-in copy when a ``builtin`` source names it, else fetched to that path when
+    ``download`` and a source names exactly that path, so a user's own (missing) file is never stood in for
+    by public data of another name.
     """
+    resolved = {}
     for key, path in required.items():
         path = Path(path)
-        source = next((s for s in sources if path.resolve() in {t.resolve() for t in _targets(s)}), None)
+        named_by = [s for s in sources if path.resolve() in {t.resolve() for t in _targets(s)}]
         if path.exists():
-            if download and source is not None:
-                check_file(path, _expected_sha256(source, path))
+            if download and named_by:
+                check_file(path, _expected_sha256(named_by[0], path))
+            log.info("%s: %s", key, path)
+            resolved[key] = path
             continue
+        builtin = next((s for s in named_by if "builtin" in s), None)
+        if builtin is not None and builtin_corpus.available(builtin["builtin"]):
+            copy = builtin_corpus.extract(f"{builtin['builtin']}/{path.name}", cache_dir, key)
+            log.info("%s: %s does not exist; using the copy built into ssmlm (%s/%s, decompressed to %s)",
+                     key, path, builtin_corpus.PACKAGE_DIR, f"{builtin['builtin']}/{path.name}", copy)
+            resolved[key] = copy
+            continue
+        source = next((s for s in named_by if "builtin" not in s), None)
         if not download or source is None:
-            where = (f"set data.download=true to fetch it from {source.get('url') or source.get('repo')}, or "
-                     if source is not None else "")
+            where = f"set data.download=true to fetch it from {_where(source)}, or " if source is not None else ""
             raise DataError(f"{key}: file not found: {path}. To fix: {where}point {key} at your copy "
                             f"({key}=/path/to/file) or set SSMLM_DATA_DIR to the directory holding the data.")
         nearest = next(d for d in (path.parent, *path.parent.parents) if d.exists())
@@ -285,11 +250,13 @@ def ensure_files(required: Mapping[str, Path], sources: Sequence[Mapping], downl
                             f"existing copy.")
         path.parent.mkdir(parents=True, exist_ok=True)
         with directory_lock(path.parent):
-            if path.exists():  # another process fetched it while we waited for the lock
-                continue
-            try:
-                _fetch(source, progress)
-            except DataError as e:
-                raise DataError(f"{key}: {e}") from None
+            if not path.exists():  # else another process fetched it while we waited for the lock
+                try:
+                    _fetch(source, path, progress)
+                except DataError as e:
+                    raise DataError(f"{key}: {e}") from None
         if not path.exists():
             raise DataError(f"{key}: the download source for {path} did not produce it; check data.sources.")
+        log.info("%s: %s (downloaded from %s)", key, path, _where(source))
+        resolved[key] = path
+    return resolved
