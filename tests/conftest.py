@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,22 +14,46 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from ssmlm import resolvers
+from ssmlm.data import builtin_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 resolvers.register()
 
 
+def pytest_configure(config):
+    """Derived files (token caches, the decompressed built-in corpus) of this session, runs it starts included,
+    go to a fresh folder rather than the user's cache (unless SSMLM_CACHE_DIR is set)."""
+    if not os.environ.get("SSMLM_CACHE_DIR"):
+        config.ssmlm_cache = tempfile.mkdtemp(prefix="ssmlm-test-cache-")
+        os.environ["SSMLM_CACHE_DIR"] = config.ssmlm_cache
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "ssmlm_cache", None):
+        shutil.rmtree(config.ssmlm_cache, ignore_errors=True)
+        os.environ.pop("SSMLM_CACHE_DIR", None)
+
+
 def data_dir() -> Path:
+    """$SSMLM_DATA_DIR (CI: ../shared/data, which also holds the TinyStories and Kaldi samples)."""
     return (REPO / os.environ.get("SSMLM_DATA_DIR", "../shared/data")).resolve()
+
+
+def hindi_data_dir() -> Path:
+    """A data dir holding hindi/premchand/{train,valid,test}.txt: ``data_dir()`` when it has them, else the
+    corpus built into ssmlm, decompressed into the cache dir as a run would do it (so no test skips for want
+    of Hindi text)."""
+    if all((data_dir() / "hindi" / "premchand" / f).is_file() for f in ("train.txt", "valid.txt", "test.txt")):
+        return data_dir()
+    for name in builtin_corpus.files("hindi/premchand"):
+        copy = builtin_corpus.extract(f"hindi/premchand/{name}")
+    return copy.parents[2]  # <cache_dir>/builtin, laid out like a data dir
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    d = data_dir()
-    if not (d / "hindi" / "premchand" / "train.txt").exists():
-        pytest.skip(f"real data not found under {d} (set SSMLM_DATA_DIR)")
-    return d
+    return hindi_data_dir()
 
 
 def compose_cfg(overrides: list[str], output_dir: Path):

@@ -26,9 +26,11 @@ from ssmlm.data.text import detect_format, read_text
 from ssmlm.data.tokenizers import encode_bytes
 from ssmlm.errors import ConfigError, DataError
 
+from conftest import data_dir, hindi_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO / os.environ.get("SSMLM_DATA_DIR", "../shared/data")).resolve()
-PREMCHAND = DATA / "hindi" / "premchand"
+DATA = data_dir()
+PREMCHAND = hindi_data_dir() / "hindi" / "premchand"  # the real files, or the built-in copy of them
 KALDI = DATA / "hindi" / "kaldi" / "gramvaani_dev_5h.text"
 TINY = DATA / "tinystories"
 SEP = "<|endoftext|>\n"
@@ -185,16 +187,16 @@ def test_memmap_windows_equal_the_source_bytes(tmp_path):
     for row_x, row_y in zip(x.numpy(), y.numpy()):
         start = 64 * int(np.flatnonzero((chunks == row_x).all(axis=1))[0])
         assert (row_y == expected[start + 1:start + 65]).all()
-    # the cache went to cache_dir because the shared data directory is read-only
-    assert list((tmp_path / "cache").glob("*.u16.bin"))
+    # the token cache is a derived file: it went to cache_dir
+    assert list((tmp_path / "cache" / "tokens").glob("*.u16.bin"))
 
 
 def test_byte_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     src = write(tmp_path / "corpus.txt", ("Once upon a time.\n" + SEP) * 200)
     dm = byte_dm(src, src, src)
     dm.prepare_data()
-    cache = tmp_path / "corpus.txt.u16.bin"
-    assert cache.exists() and json.loads((tmp_path / "corpus.txt.u16.bin.json").read_text())["num_tokens"] == 3800
+    cache = byte_cache.cache_path(src, None)
+    assert cache.exists() and json.loads(cache.with_name(cache.name + ".json").read_text())["num_tokens"] == 3800
     calls = []
     real = byte_cache.tokenize_file
     monkeypatch.setattr(byte_cache, "tokenize_file", lambda s, b: calls.append(s) or real(s, b))
@@ -217,18 +219,20 @@ def test_byte_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     assert len(calls) == 2 and len(dm.splits["train"]) == 6
 
 
-def test_read_only_source_dir_uses_cache_dir(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    src = write(ro / "c.txt", "hello world\n" * 100)
-    ro.chmod(0o555)
-    try:
-        dm = byte_dm(src, src, src, cache_dir=tmp_path / "cache", seq_len=8)
-        dm.setup("fit")
-        assert sorted(p.name for p in ro.iterdir()) == ["c.txt"]
-        assert len(list((tmp_path / "cache").glob("c.txt.*.u16.bin"))) == 1
-    finally:
-        ro.chmod(0o755)
+def test_token_cache_goes_to_cache_dir_never_next_to_the_source(tmp_path):
+    (tmp_path / "mine").mkdir()
+    src = write(tmp_path / "mine" / "c.txt", "hello world\n" * 100)
+    dm = byte_dm(src, src, src, cache_dir=tmp_path / "cache", seq_len=8)
+    dm.setup("fit")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["c.txt"]  # a writable folder, left alone
+    assert len(list((tmp_path / "cache" / "tokens").glob("c.txt.*.u16.bin"))) == 1
+
+
+def test_unwritable_cache_dir_is_one_clear_error(tmp_path):
+    src = write(tmp_path / "c.txt", "hello world\n" * 100)
+    blocker = write(tmp_path / "not-a-dir", "")  # a file where the cache folder should be
+    with pytest.raises(DataError, match="data.cache_dir"):
+        byte_dm(src, src, src, cache_dir=blocker, seq_len=8).setup("fit")
 
 
 # ------------------------------------------------------------------------------------- windows & sampling

@@ -43,8 +43,9 @@ LOCAL_FILES_HINT = ("To use local copies instead, point the config at them (e.g.
                     "fetches anything.")
 
 
-def _progress_bar(name: str, progress: bool) -> tqdm:
-    return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {name}", disable=not progress)
+def _progress_bar(name: str) -> tqdm:
+    # total=1 until pooch sets the real size (pooch takes a bar whose total is falsy for "no bar")
+    return tqdm(total=1, unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {name}")
 
 
 def download_url(url: str, dest: Path, sha256: str | None = None, progress: bool = True) -> Path:
@@ -55,7 +56,8 @@ def download_url(url: str, dest: Path, sha256: str | None = None, progress: bool
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    downloader = pooch.HTTPDownloader(progressbar=_progress_bar(dest.name, progress) if progress else False)
+    pooch.get_logger().setLevel(logging.WARNING)  # the bar says it already
+    downloader = pooch.HTTPDownloader(progressbar=_progress_bar(dest.name) if progress else False)
     try:
         pooch.retrieve(url, known_hash=f"sha256:{sha256.lower()}" if sha256 else None, fname=dest.name,
                        path=dest.parent, downloader=downloader, progressbar=progress)
@@ -212,6 +214,16 @@ def _fetch(source: Mapping, path: Path, progress: bool) -> None:
         download_url(source["url"], path, source.get("sha256"), progress=progress)
 
 
+# what a failed download may leave in a folder it created, besides data worth keeping (a resumable partial file)
+_BOOKKEEPING = ("CACHEDIR.TAG", ".gitignore", ".lock", ".metadata")
+
+
+def _remove_if_no_data(folder: Path) -> None:
+    """Remove a folder a failed download created, unless it holds a partial file the next try resumes."""
+    if all(p.is_dir() or p.name.endswith(_BOOKKEEPING) for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def resolve_files(required: Mapping[str, Path], sources: Sequence[Mapping], download: bool,
                   cache_dir: Path | None = None, progress: bool = True) -> dict[str, Path]:
     """The file to read for each required one (config key -> path), logging which copy each key uses.
@@ -248,12 +260,15 @@ def resolve_files(required: Mapping[str, Path], sources: Sequence[Mapping], down
             raise DataError(f"{key}: file not found: {path}, and its directory is read-only, so it cannot be "
                             f"downloaded there. Set SSMLM_DATA_DIR to a writable directory, or point {key} at an "
                             f"existing copy.")
+        created = next((d for d in (*reversed(path.parent.parents), path.parent) if not d.exists()), None)
         path.parent.mkdir(parents=True, exist_ok=True)
         with directory_lock(path.parent):
             if not path.exists():  # else another process fetched it while we waited for the lock
                 try:
                     _fetch(source, path, progress)
                 except DataError as e:
+                    if created is not None:
+                        _remove_if_no_data(created)
                     raise DataError(f"{key}: {e}") from None
         if not path.exists():
             raise DataError(f"{key}: the download source for {path} did not produce it; check data.sources.")
