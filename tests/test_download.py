@@ -276,6 +276,19 @@ def test_builtin_corpus_stands_in_for_missing_files_without_network(server, tmp_
     assert "built into ssmlm" in caplog.text and str(required["data.train_path"]) in caplog.text
 
 
+def test_cli_default_data_without_a_data_dir_trains_on_the_builtin_corpus(tmp_path):
+    """The real CLI, no Hindi files under SSMLM_DATA_DIR and no network: the built-in copy is used, and said so."""
+    data, out, cache = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
+    proc = run_cli(*TINY, "hardware=cpu", "logger=csv", "trainer.max_steps=2", "trainer.max_epochs=1",
+                   "callbacks.text_samples=null", f"hydra.run.dir={out}",
+                   env=cli_env(SSMLM_DATA_DIR=str(data), SSMLM_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "results.json").exists() and not data.exists()
+    log = (out / "train.log").read_text(encoding="utf-8")
+    assert "using the copy built into ssmlm" in log and str(cache / "builtin/hindi/premchand/train.txt") in log
+    assert sorted(p.name for p in (cache / "builtin/hindi/premchand").iterdir()) == sorted(PREMCHAND_FILES)
+
+
 def test_builtin_corpus_matches_the_published_split():
     """The shipped files are the split of SOURCES.md (the sha256 that data=indic_chars's recipe expects)."""
     import yaml

@@ -246,8 +246,8 @@ def resolve_files(required: Mapping[str, Path], sources: Sequence[Mapping], down
         builtin = next((s for s in named_by if "builtin" in s), None)
         if builtin is not None and builtin_corpus.available(builtin["builtin"]):
             copy = builtin_corpus.extract(f"{builtin['builtin']}/{path.name}", cache_dir, key)
-            log.info("%s: %s does not exist; using the copy built into ssmlm (%s/%s, decompressed to %s)",
-                     key, path, builtin_corpus.PACKAGE_DIR, f"{builtin['builtin']}/{path.name}", copy)
+            log.info("%s: %s does not exist; using the copy built into ssmlm (%s/%s/%s.xz, decompressed to %s)",
+                     key, path, builtin_corpus.PACKAGE_DIR, builtin["builtin"], path.name, copy)
             resolved[key] = copy
             continue
         source = next((s for s in named_by if "builtin" not in s), None)
