@@ -102,6 +102,9 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
+
+
 def write_error(path: Path, e: OSError) -> Exception:
     """The one-line error for a failed write of ``path``: a full disk (with the free space), no permission, or
     the OSError itself."""
@@ -109,7 +112,7 @@ def write_error(path: Path, e: OSError) -> Exception:
         return RunDirError(f"no space left on the device writing {path} ({free_space(path.parent)} free there). "
                            f"Free some space, then run the same command again: it resumes from the last verified "
                            f"checkpoint (or point hydra.run.dir / paths.log_dir at a larger disk).")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if e.errno in WRITE_ERRNOS:
         return RunDirError(f"cannot write {path}: {e.strerror}. Make {path.parent} writable, or point "
                            f"hydra.run.dir / paths.log_dir at a writable folder.")
     return e
@@ -229,11 +232,14 @@ def rotate_last(checkpoint_dir: Path) -> None:
         log.warning("%s failed its digest check; kept as %s, and %s kept as the fallback", last,
                     set_aside(last).name, PREVIOUS)
         return
-    os.replace(last, checkpoint_dir / PREVIOUS)
+    previous = checkpoint_dir / PREVIOUS
+    if previous.exists() and digest_mismatch(previous) is not None:
+        log.warning("%s failed its digest check; kept as %s", previous, set_aside(previous).name)
+    os.replace(last, previous)
     if digest_file(last).exists():
-        os.replace(digest_file(last), digest_file(checkpoint_dir / PREVIOUS))
+        os.replace(digest_file(last), digest_file(previous))
     else:
-        digest_file(checkpoint_dir / PREVIOUS).unlink(missing_ok=True)
+        digest_file(previous).unlink(missing_ok=True)
 
 
 def checkpoint_step(path: Path) -> int:

@@ -12,7 +12,6 @@ the previous checkpoint if that one cannot be read) and skips finished ones (DON
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -36,8 +35,9 @@ from ssmlm import resolvers, slurm, sweep
 from ssmlm.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumableCSVLogger, RunInfo, TokenThroughput
 from ssmlm.errors import CheckpointError, DataError, SsmlmError, number
 from ssmlm.lm import LMModule
-from ssmlm.run_dir import (FINGERPRINT_FILE, WANDB_ID_FILE, WANDB_STEP_FILE, CellStatus, Resume, RunDir, atomic_write,
-                           config_fingerprint, data_file_fingerprint, differences, tokenizer_digest, write_error)
+from ssmlm.run_dir import (FINGERPRINT_FILE, WANDB_ID_FILE, WANDB_STEP_FILE, WRITE_ERRNOS, CellStatus, Resume, RunDir,
+                           atomic_write, config_fingerprint, data_file_fingerprint, differences, tokenizer_digest,
+                           write_error)
 from ssmlm.sparsity import SparsityConfig, callbacks_for, sparsity_report
 
 resolvers.register()
@@ -193,6 +193,13 @@ def train(cfg: DictConfig) -> dict:
         except SsmlmError as e:
             _record_quietly(status, "failed", step=_step(progress), error=str(e))
             raise
+        except OSError as e:
+            if e.errno not in WRITE_ERRNOS:
+                _record_quietly(status, "failed", step=_step(progress), error=f"{type(e).__name__}: {e}")
+                raise
+            error = write_error(Path(e.filename) if e.filename else run.path, e)  # e.g. a logger's full disk
+            _record_quietly(status, "failed", step=_step(progress), error=str(error))
+            raise error from e
         except Exception as e:
             _record_quietly(status, "failed", step=_step(progress), error=f"{type(e).__name__}: {e}")
             raise
@@ -386,8 +393,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if multirun:  # the other cells go on; the summary at the end lists this one as failed
             print(f"\nssmlm-train: cell {Path(cfg.paths.output_dir).name} failed: {message}", file=sys.stderr)
             return None
-        raise
+        exit_with(message)
     return results.get("best_val_ppl")  # a sweeper can minimise it
+
+
+def exit_with(message: str) -> None:
+    print(f"\nssmlm-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def user_error(error: BaseException) -> str | None:
@@ -411,20 +423,17 @@ def user_error(error: BaseException) -> str | None:
     return None
 
 
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
-
-
 def main() -> None:
     """``ssmlm-train``: Hydra's main, with errors a user can fix printed as one line and exit status 2."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra passes exceptions on instead of printing its own traceback
+    logging.raiseExceptions = False  # a log line that cannot be written (full disk) must not print a traceback
     try:
         hydra_main()
     except Exception as e:
         message = user_error(e)
         if message is None:
             raise
-        print(f"\nssmlm-train: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(message)
 
 
 if __name__ == "__main__":
