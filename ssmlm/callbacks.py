@@ -1,13 +1,13 @@
-"""Lightning plug-ins of the project: atomic checkpoints, the resumable ``last.ckpt``, RNG state in checkpoints,
-throughput, text samples, run artefacts, and loggers whose history survives restarts of a run."""
+"""Lightning plug-ins of the project: verified atomic checkpoints, the resumable ``last.ckpt``, RNG state in
+checkpoints, a guard against a non-finite loss, throughput, text samples, run artefacts, and loggers whose history
+survives restarts of a run. Every file goes through the run dir's owner (:mod:`ssmlm.run_dir`)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,44 +23,40 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ssmlm import slurm
+from ssmlm import run_dir, slurm
+from ssmlm.errors import ConfigError, TrainingDiverged, number
+from ssmlm.generate import Decoder, encode_prompt, room_for
+from ssmlm.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside it, fsyncs, then renames over the target.
-
-    A kill during the save leaves the previous checkpoint intact (plus a stray ``.tmp``, removed by the next save
-    of the same file), never a truncated ``last.ckpt``.
-    """
+    """Lightning's checkpoint I/O through the run dir's owner: each checkpoint is written atomically (a kill leaves
+    the previous file intact, never a torn one) with its digest beside it; each load checks the digest and the
+    weights first (:func:`ssmlm.run_dir.read_checkpoint`), so a damaged file is never resumed from or tested."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        for stray in path.parent.glob(f"{path.name}.*.tmp"):  # left by a process killed while saving
-            stray.unlink(missing_ok=True)
+        run_dir.save_checkpoint(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return run_dir.read_checkpoint(Path(path))
+
+    def remove_checkpoint(self, path) -> None:
+        run_dir.remove_checkpoint(path)
 
 
 class RNGStateCallback(L.Callback):
-    """Saves the Python, NumPy and torch RNG states with each checkpoint and restores them on resume."""
+    """Saves the Python, NumPy and torch RNG states with each checkpoint and restores them on resume, right before
+    the first training batch: what Lightning does in between (the sanity check, creating the loaders' iterators,
+    which draw a seed from torch's RNG) must not shift dropout's draws from those of an uninterrupted run."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
+        if self._pending is not None:  # saved before training went on: the state it resumed with is still due
+            return self._pending
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         # tensors and plain numbers only, so checkpoints load with torch.load(weights_only=True)
         state = {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -70,6 +66,21 @@ class RNGStateCallback(L.Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._pending is None:
+            return
+        self._restore(self._pending)
+        self._pending = None
+        loader = trainer.train_dataloader
+        if batch_idx == 0 and trainer.current_epoch > 0 and getattr(loader, "generator", 0) is None:
+            # resumed at an epoch boundary: an uninterrupted run created this epoch's loader iterator after the
+            # checkpoint, which drew its base seed from torch's RNG (torch.utils.data's _BaseDataLoaderIter)
+            torch.empty((), dtype=torch.int64).random_()
+
+    @staticmethod
+    def _restore(state_dict: dict[str, Any]) -> None:
         random.setstate(state_dict["python"])
         kind, keys, pos, has_gauss, cached = state_dict["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -134,15 +145,21 @@ class LastCheckpoint(Checkpoint):
     validation (after the top-k ModelCheckpoint, so their scores travel with it), at the end of training, and when
     the job is told to stop (SIGTERM, or SLURM's pre-timeout signal under submitit: see :mod:`ssmlm.slurm`), always
     at an optimizer-step boundary. The previous one is kept as ``last.prev.ckpt``, the fallback should the newest
-    ever be unreadable. Also records the training time of the run so far, across restarts.
+    ever be unreadable (only a verified last.ckpt replaces it: :func:`ssmlm.run_dir.rotate_last`). Also records the
+    training time of the run so far, across restarts, and the last step validated in fit (``validated_step``:
+    a run whose final step was never validated is validated before it is tested).
     """
 
-    FILE, PREVIOUS = "last.ckpt", "last.prev.ckpt"
+    FILE, PREVIOUS = run_dir.LAST, run_dir.PREVIOUS
 
     def __init__(self, dirpath: str, every_n_train_steps: int | None = None, every_n_minutes: float | None = None):
         self.dirpath = Path(dirpath)
-        self.every_n_train_steps = int(every_n_train_steps or 0)
-        self.every_n_seconds = float(every_n_minutes or 0) * 60
+        self.every_n_train_steps = number("callbacks.last_checkpoint.every_n_train_steps", every_n_train_steps,
+                                          minimum=1, integer=True, optional=True) or 0
+        self.every_n_seconds = number("callbacks.last_checkpoint.every_n_minutes", every_n_minutes, above=0,
+                                      optional=True) or 0.0
+        self.every_n_seconds *= 60
+        self.validated_step = -1
         self.stop_signal = slurm.StopSignal()
         self.train_time_before = 0.0  # seconds trained by earlier sessions, restored from the checkpoint
         self._session_start = time.monotonic()
@@ -159,10 +176,11 @@ class LastCheckpoint(Checkpoint):
         return self.train_time_before + time.monotonic() - self._session_start
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_time_s": self.train_time_s}
+        return {"train_time_s": self.train_time_s, "validated_step": self.validated_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_time_before = float(state_dict.get("train_time_s", 0.0))
+        self.validated_step = int(state_dict.get("validated_step", -1))
         self._session_start = time.monotonic()
 
     def on_train_start(self, trainer, pl_module):
@@ -193,13 +211,56 @@ class LastCheckpoint(Checkpoint):
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.validated_step = trainer.global_step
             self.save(trainer)
 
     def save(self, trainer) -> None:
-        if trainer.is_global_zero and self.path.exists():
-            os.replace(self.path, self.dirpath / self.PREVIOUS)
+        if trainer.is_global_zero:
+            run_dir.rotate_last(self.dirpath)
         trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step, self._last_save_time = trainer.global_step, time.monotonic()
+
+
+class NonFiniteLossGuard(L.Callback):
+    """A training loss that is NaN or infinite never trains on. ``policy=stop`` (default) stops the run before
+    that optimizer step, with a message naming the step: the weights and every checkpoint stay finite.
+    ``policy=skip`` drops that optimizer step (its gradients are discarded, so AdamW leaves the weights and its
+    moments alone) and stops after ``max_skips`` such steps in a row."""
+
+    POLICIES = ("stop", "skip")
+
+    def __init__(self, policy: str = "stop", max_skips: int = 10) -> None:
+        if policy not in self.POLICIES:
+            raise ConfigError(f"callbacks.nonfinite_loss.policy={policy!r}: use one of {', '.join(self.POLICIES)}")
+        self.policy = policy
+        self.max_skips = number("callbacks.nonfinite_loss.max_skips", max_skips, minimum=1, integer=True)
+        self.skipped_in_a_row = 0
+        self._drop_step = False
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        step = trainer.global_step + 1
+        if self.policy == "skip" and self.skipped_in_a_row < self.max_skips:
+            if not self._drop_step:
+                self.skipped_in_a_row += 1
+                log.warning("training loss %s at step %d: that optimizer step is skipped (%d in a row, at most %d)",
+                            float(loss), step, self.skipped_in_a_row, self.max_skips)
+            self._drop_step = True
+            return
+        skipped = f" after {self.skipped_in_a_row} skipped steps in a row" if self.policy == "skip" else ""
+        raise TrainingDiverged(
+            f"the training loss is {float(loss)} at step {step}{skipped}: training stopped before that step, so the "
+            f"weights and checkpoints stay finite. Lower optim.lr or raise optim.warmup_steps (or set "
+            f"callbacks.nonfinite_loss.policy=skip), then run the same command again: it resumes from the last "
+            f"checkpoint.")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self._drop_step:
+            optimizer.zero_grad(set_to_none=True)  # no gradient: AdamW skips the parameters entirely
+            self._drop_step = False
+        else:
+            self.skipped_in_a_row = 0
 
 
 class RunInfo(L.Callback):
@@ -223,8 +284,6 @@ class TextSamples(L.Callback):
         self.temperatures, self.seed = tuple(temperatures), seed
 
     def _prompt_ids(self, datamodule) -> list[int]:
-        from ssmlm.generate import encode_prompt
-
         if self.prompt is not None:
             return encode_prompt(datamodule.tokenizer, self.prompt, allow_unk=True)
         val = datamodule.splits.get("val")
@@ -236,9 +295,6 @@ class TextSamples(L.Callback):
         datamodule = trainer.datamodule
         if trainer.sanity_checking or datamodule is None or getattr(datamodule, "tokenizer", None) is None:
             return
-        from ssmlm.generate import Decoder, room_for
-        from ssmlm.sampling import Sampling
-
         model = getattr(pl_module.model, "_orig_mod", pl_module.model)
         was_training = model.training
         tokenizer = datamodule.tokenizer
@@ -299,12 +355,16 @@ class ResumableCSVLogger(CSVLogger):
         kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < from_step]
         if len(kept) == len(rows):
             return
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
+
+        def write(f) -> None:
+            text = io.TextIOWrapper(f, newline="", encoding="utf-8")
+            writer = csv.DictWriter(text, fieldnames=header)
             writer.writeheader()
             writer.writerows(kept)
-        os.replace(tmp, path)
+            text.flush()
+            text.detach()
+
+        run_dir.atomic_write(path, write)
 
 
 class ResumableWandbLogger(WandbLogger):
@@ -342,9 +402,7 @@ class ResumableWandbLogger(WandbLogger):
         if step <= self.logged_before:
             return
         if step > self._highest:
-            tmp = self.step_file.with_suffix(".tmp")
-            tmp.write_text(f"{step}\n")
-            os.replace(tmp, self.step_file)
+            run_dir.atomic_write(self.step_file, f"{step}\n")
             self._highest = step
         metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
         try:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torchmetrics.text import Perplexity
 
+from ssmlm.errors import ConfigError, number
 from ssmlm.models.base import LanguageModel
 from ssmlm.sparsity import attach_masks
 
@@ -54,6 +55,20 @@ class SplitMetrics(torch.nn.Module):
             num_classes=vocab_size, ignore_index=IGNORE_INDEX, average="micro")
 
 
+def check_optim(o: dict) -> None:
+    """The optim.* numbers configure_optimizers reads: a bad one is one ConfigError naming the key."""
+    number("optim.lr", o.get("lr"), above=0)
+    number("optim.weight_decay", o.get("weight_decay"), minimum=0)
+    number("optim.warmup_steps", o.get("warmup_steps", 0), minimum=0, integer=True)
+    number("optim.min_lr_ratio", o.get("min_lr_ratio", 0.0), minimum=0, maximum=1)
+    number("optim.gradient_clip_val", o.get("gradient_clip_val"), minimum=0, optional=True)
+    betas = o.get("betas", (0.9, 0.999))
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ConfigError(f"optim.betas={betas!r}: expected two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]")
+    for beta in betas:
+        number("optim.betas", beta, minimum=0, maximum=0.999999)
+
+
 class LMModule(L.LightningModule):
     """Wraps a model built from its config, so a checkpoint alone rebuilds it (``load_from_checkpoint``), with
     the masks of its ``sparsity`` config (ssmlm.sparsity) as buffers for the checkpoint's masks to load into."""
@@ -61,6 +76,7 @@ class LMModule(L.LightningModule):
     def __init__(self, model_cfg: dict, vocab_size: int, optim: dict, tokenizer: dict | None = None,
                  compile: bool = False, sparsity: dict | None = None):
         super().__init__()
+        check_optim(optim)
         self.save_hyperparameters()
         self.model: LanguageModel = hydra.utils.instantiate(model_cfg, vocab_size=vocab_size)
         attach_masks(self.model, sparsity)

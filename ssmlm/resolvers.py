@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ssmlm.errors import ConfigError
+from ssmlm.errors import ConfigError, number
 
 
 def detect_hardware(key: str):
@@ -45,10 +45,10 @@ def _world(devices, num_nodes) -> int:
 def split_batch(global_batch: int, micro_batch, devices, num_nodes) -> tuple[int, int]:
     """(per-device micro-batch, gradient accumulation) keeping ``global_batch`` sequences per optimizer step."""
     world = _world(devices, num_nodes)
-    global_batch = int(global_batch)
+    global_batch = number("batch_size", _as_int(global_batch), minimum=1, integer=True)
     if micro_batch in (None, "null"):
         micro_batch = max(1, global_batch // world)
-    micro_batch = int(micro_batch)
+    micro_batch = number("hardware.micro_batch_size", _as_int(micro_batch), minimum=1, integer=True)
     per_step = world * micro_batch
     if global_batch % per_step:
         raise ConfigError(
@@ -56,6 +56,11 @@ def split_batch(global_batch: int, micro_batch, devices, num_nodes) -> tuple[int
             f"= {world}*{micro_batch}; pick hardware.micro_batch_size so it divides batch_size/{world}"
         )
     return micro_batch, global_batch // per_step
+
+
+def _as_int(value):
+    """Resolver arguments arrive as strings when interpolated into text; whole numbers become ints."""
+    return int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else value
 
 
 def run_id(override_dirname: str) -> str:

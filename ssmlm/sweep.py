@@ -15,9 +15,7 @@ summary of a multirun covers exactly its own cells even when the sweep dir holds
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import socket
 import sys
 import time
 from pathlib import Path
@@ -28,47 +26,12 @@ from omegaconf import DictConfig
 
 from ssmlm import slurm
 from ssmlm.errors import SsmlmError
+from ssmlm.run_dir import CONFIG_FILE, RESULTS_FILE, STATUS_FILE, CellStatus, atomic_write, read_status
 
-STATUS_FILE = "status.json"
+__all__ = ["CellStatus", "read_status", "cell_dirs", "summarize", "SweepMonitor"]
+
 LAUNCH_FILE = ".launch"  # in the sweep dir: the id of the multirun that launched its cells last
 OUTCOMES = ("done", "resumed", "skipped", "failed", "unfinished")
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def read_status(run_dir: str | Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class CellStatus:
-    """Appends events to a run's status.json (atomically). Rank 0 records everything; the other DDP ranks of a
-    run only their own failures (e.g. an error on one GPU, which rank 0 would only see as a hung collective)."""
-
-    def __init__(self, run_dir: str | Path, launch: str | None = None, rank: int = 0) -> None:
-        self.path = Path(run_dir) / STATUS_FILE
-        self.launch, self.rank = launch, rank
-
-    def record(self, event: str, step: int | None = None, error: str | None = None, **fields: Any) -> None:
-        if self.rank != 0 and event != "failed":
-            return
-        status = read_status(self.path.parent) or {"history": []}
-        entry = {"event": event, "time": _now(), "step": step, "launch": self.launch, "job": slurm.job_id(),
-                 "host": socket.gethostname()}
-        if error:
-            entry["error"] = error if self.rank == 0 else f"rank {self.rank}: {error}"
-        status["history"].append(entry)
-        status.update(fields, state=event, error=entry.get("error"), updated=entry["time"])
-        if step is not None:
-            status["global_step"] = step
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{STATUS_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(status, indent=1) + "\n")
-        os.replace(tmp, self.path)
 
 
 def launch_id(sweep_dir: str | Path) -> str | None:
@@ -88,7 +51,7 @@ def cell_dirs(sweep_dir: str | Path) -> list[Path]:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / STATUS_FILE).exists() or (path / ".hydra" / "config.yaml").exists()
+    return any((path / name).exists() for name in (STATUS_FILE, CONFIG_FILE, ".hydra/config.yaml"))
 
 
 def outcome(status: dict[str, Any] | None, launch: str | None) -> str | None:
@@ -127,7 +90,7 @@ def _detail(cell: Path, status: dict[str, Any], result: str, launch: str | None)
         return (status.get("error") or "").strip().splitlines()[0][:300] if status.get("error") else "(no message)"
     parts = [f"step {status.get('global_step')}"]
     try:
-        results = json.loads((cell / "results.json").read_text())
+        results = json.loads((cell / RESULTS_FILE).read_text())
     except (OSError, ValueError):
         results = {}
     if "best_val_ppl" in results:
@@ -153,9 +116,7 @@ class SweepMonitor(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.launch = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        tmp = sweep_dir / f"{LAUNCH_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(self.launch + "\n")
-        os.replace(tmp, sweep_dir / LAUNCH_FILE)
+        atomic_write(sweep_dir / LAUNCH_FILE, self.launch + "\n")
         try:
             slurm.check_submission(config.hydra.launcher, sweep_dir)
         except SsmlmError as e:  # Hydra would turn an exception here into a warning and submit anyway

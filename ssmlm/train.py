@@ -15,37 +15,40 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from ssmlm import resolvers, slurm, sweep
 from ssmlm.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumableCSVLogger, RunInfo, TokenThroughput
 from ssmlm.conf_dir import config_dir
-from ssmlm.errors import CheckpointError, SsmlmError
+from ssmlm.errors import CheckpointError, DataError, SsmlmError, number
 from ssmlm.lm import LMModule
+from ssmlm.run_dir import (FINGERPRINT_FILE, WANDB_ID_FILE, WANDB_STEP_FILE, WRITE_ERRNOS, CellStatus, Resume, RunDir,
+                           atomic_write, config_fingerprint, data_file_fingerprint, differences, tokenizer_digest,
+                           write_error)
 from ssmlm.sparsity import SparsityConfig, callbacks_for, sparsity_report
 
 resolvers.register()
 log = logging.getLogger("ssmlm.train")
 CONF_DIR = config_dir()
-STEP_IN_NAME = re.compile(r"step(\d+)")
 
 
 def _instantiate_dict(node: DictConfig | None, **kwargs) -> list:
     """Instantiate every non-null entry of a named dict of configs (callbacks, loggers)."""
-    return [hydra.utils.instantiate(c, **kwargs) for c in (node or {}).values() if c is not None and "_target_" in c]
+    return [instantiate(c, **kwargs) for c in (node or {}).values() if c is not None and "_target_" in c]
 
 
 def _hydra() -> DictConfig | None:
@@ -59,53 +62,47 @@ def is_multirun() -> bool:
 
 
 # --- resuming ------------------------------------------------------------------------------------------------
-class Resume(NamedTuple):
-    path: Path
-    step: int
-    info: dict  # what RunInfo stored in the checkpoint (the wandb run id)
+def instantiate(node, **kwargs):
+    """hydra.utils.instantiate, with an SsmlmError raised by the constructor passed on as it is (Hydra wraps it)."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except hydra.errors.InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, SsmlmError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
-def candidate_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Where a run can resume from, best first: last.ckpt, the one before it, then the top-k, newest first."""
-    top_k = sorted(ckpt_dir.glob("epoch*-step*.ckpt"),
-                   key=lambda p: int(m[1]) if (m := STEP_IN_NAME.search(p.name)) else -1, reverse=True)
-    paths = [ckpt_dir / LastCheckpoint.FILE, ckpt_dir / LastCheckpoint.PREVIOUS, *top_k]
-    return [p for p in paths if p.is_file()]
-
-
-def resume_checkpoint(cfg: DictConfig, output_dir: Path, tokenizer: dict | None) -> Resume | None:
-    """The checkpoint to resume from, after checking it belongs to this run (same model, same vocabulary).
-
-    An unreadable last.ckpt (a disk that filled up, a copy cut short) is set aside as ``last.ckpt.unreadable`` and
-    the run resumes from the newest readable checkpoint, saying so. A checkpoint of another model is refused.
-    """
-    if not cfg.resume:
-        return None
-    unreadable = []
-    for path in candidate_checkpoints(output_dir / "checkpoints"):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            hparams, step = ckpt["hyper_parameters"], int(ckpt["global_step"])
-        except Exception as e:  # a torn or foreign file: try the one before it
-            unreadable.append((path, f"{type(e).__name__}: {e}"))
-            continue
-        if not cfg.force_resume:
-            check_checkpoint_belongs(cfg, path, hparams, tokenizer)
-        if unreadable:
-            for bad, why in unreadable:
-                if bad.name in (LastCheckpoint.FILE, LastCheckpoint.PREVIOUS):
-                    os.replace(bad, bad.with_name(bad.name + ".unreadable"))  # or it would rotate into last.prev
-            log.warning("cannot read %s; resuming from %s (step %d) instead; the unreadable file is kept as "
-                        "<name>.unreadable", "; ".join(f"{p} ({why})" for p, why in unreadable), path, step)
-        return Resume(path, step, ckpt.get("ssmlm") or {})
-    if unreadable:
-        listed = "; ".join(f"{p} ({why})" for p, why in unreadable)
-        raise CheckpointError(f"cannot read any checkpoint of this run: {listed}. Move them away to start over, "
-                              f"or set resume=false.")
-    return None
+def check_fingerprint(cfg: DictConfig, run: RunDir, recorded: dict | None, current: dict) -> None:
+    """Refuses to resume a run whose recorded fingerprint differs from this command's (unless force_resume),
+    listing the differing keys. Nothing has been written into the run dir when this refuses."""
+    if recorded is None or not cfg.resume:
+        return
+    comparable = lambda fp: {k: ({kk: vv for kk, vv in v.items() if kk != "mtime_ns"} if isinstance(v, dict)  # noqa
+                                  and k == "train_data" else v) for k, v in fp.items() if k in current}
+    diffs = differences(comparable(recorded), comparable(current))
+    if not diffs:
+        return
+    if cfg.force_resume:
+        log.warning("force_resume=true: resuming %s although its fingerprint differs: %s", run.path, "; ".join(diffs))
+        return
+    kinds = []
+    if any(d.startswith(("config.model", "config.sparsity")) for d in diffs):
+        kinds.append("a different model config")
+    if any(d.startswith(("config.data", "config.batch_size")) for d in diffs):
+        kinds.append("a different data config")
+    if any(d.startswith(("train_data", "vocabulary")) for d in diffs):
+        kinds.append("a different vocabulary or training data")
+    raise CheckpointError(
+        f"{run.path} was trained with {' and '.join(kinds)} than this command's ({run.path / FINGERPRINT_FILE} "
+        f"differs): {'; '.join(diffs)}. Use another run dir (hydra.run.dir=...), restore the original files, or "
+        f"pass force_resume=true to resume anyway.")
 
 
 def check_checkpoint_belongs(cfg: DictConfig, ckpt: Path, hparams: dict, tokenizer: dict | None) -> None:
+    """For a run dir without fingerprint.json (older runs): the checkpoint's own model, sparsity and vocabulary."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if hparams.get("model_cfg") != model_cfg:
         raise CheckpointError(
@@ -120,6 +117,30 @@ def check_checkpoint_belongs(cfg: DictConfig, ckpt: Path, hparams: dict, tokeniz
         raise CheckpointError(
             f"{ckpt} was trained with a different vocabulary than {cfg.data.get('vocab_path') or 'the data'} "
             f"builds now. Point data.vocab_path at the run's vocab.json or use another run dir.")
+
+
+def resume_checkpoint(cfg: DictConfig, run: RunDir, tokenizer: dict | None, fingerprinted: bool) -> Resume | None:
+    """The newest verified checkpoint to resume from (None: start from scratch). Checkpoints that fail their
+    check (digest, loading, finite weights) are set aside as ``<name>.unreadable`` and the run says so."""
+    if not cfg.resume:
+        return None
+
+    def accept(path: Path, ckpt: dict) -> None:
+        if not cfg.force_resume and not fingerprinted:
+            check_checkpoint_belongs(cfg, path, ckpt["hyper_parameters"], tokenizer)
+
+    resume = run.newest_verified(accept)
+    if resume is not None and resume.set_aside:
+        log.warning("cannot read %s; resuming from %s (step %d) instead; the unreadable file is kept as "
+                    "<name>.unreadable", "; ".join(f"{p} ({why})" for p, why in resume.set_aside), resume.path,
+                    resume.step)
+    return resume
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """The top-level numbers train() reads itself (the others are checked by whoever reads them)."""
+    number("seed", cfg.seed, minimum=0, integer=True)
+    number("batch_size", cfg.batch_size, minimum=1, integer=True)
 
 
 def sparsity_node(cfg: DictConfig) -> dict | None:
@@ -143,13 +164,13 @@ def make_loggers(cfg: DictConfig, output_dir: Path, params: int, resume: Resume 
         if node is None or "_target_" not in node:
             continue
         if not issubclass(hydra.utils.get_class(node._target_), WandbLogger):
-            loggers.append(hydra.utils.instantiate(node))
+            loggers.append(instantiate(node))
             continue
-        id_file = output_dir / "wandb_id.txt"
+        id_file = output_dir / WANDB_ID_FILE
         if resume and resume.info.get("wandb_id") and not id_file.exists():
-            id_file.write_text(resume.info["wandb_id"] + "\n")  # the run dir lost it; the checkpoint kept it
+            atomic_write(id_file, resume.info["wandb_id"] + "\n")  # the run dir lost it; the checkpoint kept it
         group = node.get("group") or (cfg.get("sweep_name") if is_multirun() else cfg.get("run_name"))
-        logger = hydra.utils.instantiate(node, group=group, tags=run_tags(cfg),
+        logger = instantiate(node, group=group, tags=run_tags(cfg),
                                          name=node.get("name") or output_dir.name)
         logger.log_hyperparams({"params": params, **OmegaConf.to_container(cfg, resolve=True)})  # rank 0 only
         loggers.append(logger)
@@ -158,25 +179,42 @@ def make_loggers(cfg: DictConfig, output_dir: Path, params: int, resume: Resume 
 
 # --- training ------------------------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> dict:
-    """Trains (or resumes, or skips) the run of ``cfg`` and returns its results; status.json follows along."""
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    hc = _hydra()
-    launch = sweep.launch_id(hc.sweep.dir) if is_multirun() else None
-    status = sweep.CellStatus(output_dir, launch=launch, rank=rank_zero_only.rank)
-    progress: dict = {}  # what _train got to: the step it resumed from, its trainer
+    """Trains (or resumes, or skips) the run of ``cfg`` and returns its results; status.json follows along.
+    The run dir is locked for the whole time: a second process on it is refused before it writes anything."""
+    run = RunDir(cfg.paths.output_dir, create=True)
+    rank = rank_zero_only.rank
+    with run.lock(rank):
+        hc = _hydra()
+        launch = sweep.launch_id(hc.sweep.dir) if is_multirun() else None
+        status = CellStatus(run.path, launch=launch, rank=rank)
+        progress: dict = {}  # what _train got to: the step it resumed from, its trainer
+        try:
+            with _cell_of_a_local_multirun():
+                return _train(cfg, run, status, progress)
+        except SsmlmError as e:
+            _record_quietly(status, "failed", step=_step(progress), error=str(e))
+            raise
+        except OSError as e:
+            if e.errno not in WRITE_ERRNOS:
+                _record_quietly(status, "failed", step=_step(progress), error=f"{type(e).__name__}: {e}")
+                raise
+            error = write_error(Path(e.filename) if e.filename else run.path, e)  # e.g. a logger's full disk
+            _record_quietly(status, "failed", step=_step(progress), error=str(error))
+            raise error from e
+        except Exception as e:
+            _record_quietly(status, "failed", step=_step(progress), error=f"{type(e).__name__}: {e}")
+            raise
+        except BaseException:  # SIGTERM, submitit's requeue, Ctrl-C: the same command resumes
+            _record_quietly(status, "stopped", step=_step(progress))
+            raise
+
+
+def _record_quietly(status: CellStatus, event: str, **fields) -> None:
+    """Records a failure unless that write fails too (a full disk): the error being raised says more."""
     try:
-        with _cell_of_a_local_multirun():
-            return _train(cfg, output_dir, status, progress)
-    except SsmlmError as e:
-        status.record("failed", step=_step(progress), error=str(e))
-        raise
-    except Exception as e:
-        status.record("failed", step=_step(progress), error=f"{type(e).__name__}: {e}")
-        raise
-    except BaseException:  # SIGTERM, submitit's requeue, Ctrl-C: the same command resumes
-        status.record("stopped", step=_step(progress))
-        raise
+        status.record(event, **fields)
+    except SsmlmError:
+        pass
 
 
 def _step(progress: dict) -> int | None:
@@ -184,21 +222,36 @@ def _step(progress: dict) -> int | None:
     return trainer.global_step if trainer is not None else progress.get("resumed_step")
 
 
-def _train(cfg: DictConfig, output_dir: Path, status: sweep.CellStatus, progress: dict) -> dict:
-    done = output_dir / "DONE"
-    if cfg.resume and done.exists() and (output_dir / "results.json").exists():
+def _train(cfg: DictConfig, run: RunDir, status: CellStatus, progress: dict) -> dict:
+    output_dir = run.path
+    if cfg.resume and run.is_done():
         log.info("%s is complete (DONE); skipping. Delete DONE or set resume=false to train again.", output_dir)
-        results = json.loads((output_dir / "results.json").read_text())
+        results = run.results()
         status.record("skipped", step=results.get("global_step"))
         return results
+    check_numbers(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
+    # what defines the run, checked against the run dir's record before anything is written into it
+    recorded = run.fingerprint() if cfg.resume else None
+    datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
+    fingerprint = {"config": config_fingerprint(cfg),
+                   "train_data": data_file_fingerprint(cfg.data.get("train_path"), "data.train_path",
+                                                       (recorded or {}).get("train_data"))}
+    for key in ("val_path", "test_path"):
+        data_file_fingerprint(cfg.data.get(key), f"data.{key}", {"bytes": None})  # a directory is refused
+    check_fingerprint(cfg, run, recorded, fingerprint)
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer.to_dict()
-    resume = resume_checkpoint(cfg, output_dir, tokenizer)
+    fingerprint["vocabulary"] = tokenizer_digest(tokenizer)
+    check_fingerprint(cfg, run, recorded, fingerprint)
+    check_splits(datamodule)
+    resume = resume_checkpoint(cfg, run, tokenizer, fingerprinted=recorded is not None)
     progress["resumed_step"] = resume.step if resume else 0
+    run.reopen()
+    run.save_fingerprint(fingerprint)
+    run.save_config(cfg)
 
     module = LMModule(
         model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
@@ -212,13 +265,13 @@ def _train(cfg: DictConfig, output_dir: Path, status: sweep.CellStatus, progress
     log.info("model %s: %.3fM parameters; run dir %s", cfg.model._target_, params / 1e6, output_dir)
 
     if not cfg.resume:  # training over: a new wandb run too
-        for name in ("wandb_id.txt", "wandb_step.txt"):
+        for name in (WANDB_ID_FILE, WANDB_STEP_FILE):
             (output_dir / name).unlink(missing_ok=True)
     callbacks = _instantiate_dict(cfg.get("callbacks")) + callbacks_for(sparsity_node(cfg))
     loggers = make_loggers(cfg, output_dir, params, resume)
     wandb = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
     callbacks.append(RunInfo(wandb_id=wandb.version if wandb is not None else None))
-    trainer: L.Trainer = hydra.utils.instantiate(
+    trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO(), *slurm.cluster_plugins()])
     progress["trainer"] = trainer
 
@@ -230,6 +283,9 @@ def _train(cfg: DictConfig, output_dir: Path, status: sweep.CellStatus, progress
     status.record("resumed" if resume else "started", step=resume.step if resume else 0, params=params)
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
+    last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+    top_k = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+    validate_last_step(trainer, module, datamodule, last, top_k)
     results = {
         "global_step": trainer.global_step,
         "epoch": trainer.current_epoch,
@@ -238,13 +294,12 @@ def _train(cfg: DictConfig, output_dir: Path, status: sweep.CellStatus, progress
         "global_batch": datamodule.batch_size * trainer.accumulate_grad_batches * trainer.world_size,
         "wall_time_s_this_session": round(time.time() - start, 1),
     }
-    last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
     if last is not None:
         results["train_time_s"] = round(last.train_time_s, 1)
-    top_k = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
-    if top_k is not None and top_k.best_model_score is not None:
-        results["best_val_ppl"] = float(top_k.best_model_score)
-        results["best_checkpoint"] = str(top_k.best_model_path)
+    best = run.best_verified() if top_k is not None else None
+    if best is not None:
+        results["best_val_ppl"] = float(best[1])
+        results["best_checkpoint"] = str(best[0])
     if SparsityConfig.from_dict(sparsity_node(cfg)).enabled:  # the final weights, before testing the best ones
         results["sparsity"] = sparsity_report(module.model)
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
@@ -252,17 +307,40 @@ def _train(cfg: DictConfig, output_dir: Path, status: sweep.CellStatus, progress
         results["train_tokens_per_s"] = round(throughput.tokens_per_s, 1)
 
     if cfg.test_after_fit:
-        best = results.get("best_checkpoint") or None
-        metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+        metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best[0] if best else None, verbose=False)[0]
         results.update({k.replace("/", "_"): float(v) for k, v in metrics.items()})
     if trainer.is_global_zero:
-        tmp = output_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(output_dir / "results.json")
-        done.touch()
+        run.finish(results)
         log.info("results: %s", json.dumps(results))
     status.record("done", step=trainer.global_step)
     return results
+
+
+def check_splits(datamodule) -> None:
+    """Evaluation splits must hold one window of seq_len; all-<unk> text is scored but worth a warning."""
+    unk_id = getattr(datamodule.tokenizer, "unk_id", None)
+    for name, split in datamodule.splits.items():
+        if name != "train" and len(split) - 1 < datamodule.seq_len:
+            raise DataError(f"data.seq_len={datamodule.seq_len} is longer than the {name} split "
+                            f"({datamodule._describe(name)}: {len(split)} tokens). Lower data.seq_len or use a "
+                            f"longer {name} file.")
+        if name != "train" and unk_id is not None and bool((split.data == unk_id).all()):
+            log.warning("every token of the %s split (%s) is <unk>: its text shares no character with the "
+                        "training split, so its scores say nothing", name, datamodule._describe(name))
+
+
+def validate_last_step(trainer: L.Trainer, module, datamodule, last: LastCheckpoint | None, top_k) -> None:
+    """The final validation, unless fit already validated the last step: a run killed during it (or one whose
+    schedule never validated at its end) is validated now, its top-k and last.ckpt updated, before the test."""
+    if last is None or last.validated_step == trainer.global_step or not trainer.limit_val_batches:
+        return
+    log.info("validating the final step %d", trainer.global_step)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    if top_k is not None:
+        # ModelCheckpoint saves only inside fit; this is the save it would have made at the end of fit
+        top_k._save_topk_checkpoint(trainer, top_k._monitor_candidates(trainer))
+    last.validated_step = trainer.global_step
+    last.save(trainer)
 
 
 class _cell_of_a_local_multirun:
@@ -301,25 +379,62 @@ class _cell_of_a_local_multirun:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     multirun = is_multirun()
     try:
         results = train(cfg)
-    except SsmlmError as e:
-        log.error("%s", e)
-        if multirun:  # the other cells go on; the summary at the end lists this one as failed
-            print(f"\nssmlm-train: cell {Path(cfg.paths.output_dir).name} failed: {e}", file=sys.stderr)
-            return None
-        print(f"\nssmlm-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
     except Exception as e:
-        if not multirun:
+        message = user_error(e)
+        if message is None and not multirun:
             raise
-        log.exception("cell %s failed", Path(cfg.paths.output_dir).name)
-        print(f"\nssmlm-train: cell {Path(cfg.paths.output_dir).name} failed: {type(e).__name__}: {e}",
-              file=sys.stderr)
-        return None
+        if message is None:
+            log.exception("cell %s failed", Path(cfg.paths.output_dir).name)
+            message = f"{type(e).__name__}: {e}"
+        log.error("%s", message)
+        if multirun:  # the other cells go on; the summary at the end lists this one as failed
+            print(f"\nssmlm-train: cell {Path(cfg.paths.output_dir).name} failed: {message}", file=sys.stderr)
+            return None
+        exit_with(message)
     return results.get("best_val_ppl")  # a sweeper can minimise it
+
+
+def exit_with(message: str) -> None:
+    print(f"\nssmlm-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def user_error(error: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, found anywhere in its chain of causes: an SsmlmError,
+    a write that failed (full disk, no permission), a bad Hydra override or config value, a Trainer argument
+    Lightning refuses. None for anything else (a bug: its traceback is shown)."""
+    seen, chain = set(), []
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for e in chain:
+        if isinstance(e, SsmlmError):
+            return str(e)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return str(write_error(Path(e.filename or "."), e))
+    for e in chain:
+        if isinstance(e, (HydraException, OmegaConfBaseException, MisconfigurationException)):
+            return " ".join(str(e).split("\n")[0:3]).strip()
+    return None
+
+
+def main() -> None:
+    """``ssmlm-train``: Hydra's main, with errors a user can fix printed as one line and exit status 2."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra passes exceptions on instead of printing its own traceback
+    logging.raiseExceptions = False  # a log line that cannot be written (full disk) must not print a traceback
+    try:
+        hydra_main()
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        exit_with(message)
 
 
 if __name__ == "__main__":
