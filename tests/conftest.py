@@ -46,9 +46,8 @@ def hindi_data_dir() -> Path:
     of Hindi text)."""
     if all((data_dir() / "hindi" / "premchand" / f).is_file() for f in ("train.txt", "valid.txt", "test.txt")):
         return data_dir()
-    for name in builtin_corpus.files("hindi/premchand"):
-        copy = builtin_corpus.extract(f"hindi/premchand/{name}")
-    return copy.parents[2]  # <cache_dir>/builtin, laid out like a data dir
+    copies = [builtin_corpus.extract(f"hindi/premchand/{name}") for name in builtin_corpus.files("hindi/premchand")]
+    return copies[0].parents[2]  # <cache_dir>/builtin, laid out like a data dir
 
 
 @pytest.fixture(scope="session")

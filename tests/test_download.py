@@ -320,6 +320,14 @@ def test_damaged_package_copy_is_one_clear_error(tmp_path, monkeypatch):
     assert list((tmp_path / "builtin" / "hindi" / "premchand").iterdir()) == []
 
 
+def test_unwritable_cache_dir_for_the_builtin_copy_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(DataError, match="data.cache_dir"):
+        resolve_files({"data.val_path": tmp_path / "valid.txt"}, [{"builtin": "hindi/premchand", "dir": str(tmp_path)}],
+                      download=False, cache_dir=blocker, progress=False)
+
+
 def test_users_own_files_win_over_the_builtin_copy(tmp_path):
     data_dir = tmp_path / "hindi" / "premchand"
     data_dir.mkdir(parents=True)

@@ -21,8 +21,13 @@ LOGGERS = sorted(p.stem for p in (REPO / "conf" / "logger").glob("*.yaml"))
 def test_pyproject_lists_every_package():
     """pyproject.toml names its packages one by one (to map conf/ into ssmlm.conf): none may be forgotten."""
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "ssmlm").rglob("__init__.py")}
-    assert listed == on_disk | {"ssmlm.conf"}
+
+    def folders_with_files(root: Path, prefix: tuple[str, ...]) -> set[str]:
+        return {".".join(prefix + p.parent.relative_to(root).parts) for p in root.rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")}
+
+    assert listed == folders_with_files(REPO / "ssmlm", ("ssmlm",)) | folders_with_files(REPO / "conf",
+                                                                                         ("ssmlm", "conf"))
 
 
 def test_a_source_checkout_reads_the_top_level_conf():

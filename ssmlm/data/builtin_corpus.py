@@ -43,8 +43,9 @@ def available(corpus: str) -> bool:
     return bool(files(corpus)) and all(_root().joinpath(f"{corpus}/{name}.xz").is_file() for name in files(corpus))
 
 
-def extract(name: str, cache_dir: Path | None = None, key: str = "data.cache_dir") -> Path:
-    """The verified, decompressed copy of built-in file ``name`` under ``cache_dir`` (decompressed if needed)."""
+def extract(name: str, cache_dir: Path | None = None, key: str = "data.train_path") -> Path:
+    """The verified, decompressed copy of built-in file ``name`` under ``cache_dir`` (decompressed if needed);
+    ``key`` is the config key the copy stands in for, named in errors."""
     expected = checksums()[name]
     dest = Path(cache_dir or user_cache_dir()).expanduser() / "builtin" / name
     if dest.is_file() and sha256_of(dest) == expected:
