@@ -138,9 +138,9 @@ def assert_same_as_uninterrupted(run: Path, reference: Path) -> None:
 
 
 def snapshot(run: Path) -> dict[str, str]:
-    """Digest of every file of the run that a refused command must not touch (its own log lines and failure
-    record aside, and Hydra's .hydra/, which Hydra writes before ssmlm runs)."""
-    skip = {"train.log", "status.json"}
+    """Digest of every file of the run that a refused command must not touch (its own log lines, failure record
+    and lock record aside, and Hydra's .hydra/, which Hydra writes before ssmlm runs)."""
+    skip = {"train.log", "status.json", "run.lock"}
     return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))
             if p.is_file() and p.name not in skip and ".hydra" not in p.parts}
 
