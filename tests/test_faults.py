@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -402,7 +403,7 @@ def test_bad_values_exit_2_with_one_line_naming_the_key(data, tmp_path, referenc
     def attempt(name: str):
         args, expected = cases[name]
         own_dir = any(a.startswith("hydra.run.dir=") for a in args)
-        run = [] if own_dir else [f"hydra.run.dir={tmp_path / name.replace(' ', '_')}"]
+        run = [] if own_dir else [f"hydra.run.dir={tmp_path / re.sub(r'[^a-z0-9_-]', '_', name)}"]
         return name, run_cli(*ARGS, *data, *run, *args, timeout=300), expected
 
     with ThreadPoolExecutor(3) as pool:
