@@ -229,13 +229,13 @@ def rotate_last(checkpoint_dir: Path) -> None:
     last = checkpoint_dir / LAST
     if not last.exists():
         return
-    if digest_file(last).exists() and digest_mismatch(last) is not None:
-        log.warning("%s failed its digest check; kept as %s, and %s kept as the fallback", last,
+    if digest_file(last).exists() and (why := digest_mismatch(last)) is not None:
+        log.warning("cannot read checkpoint %s (%s); kept as %s, and %s kept as the fallback", last, why,
                     set_aside(last).name, PREVIOUS)
         return
     previous = checkpoint_dir / PREVIOUS
-    if previous.exists() and digest_mismatch(previous) is not None:
-        log.warning("%s failed its digest check; kept as %s", previous, set_aside(previous).name)
+    if previous.exists() and (why := digest_mismatch(previous)) is not None:
+        log.warning("cannot read checkpoint %s (%s); kept as %s", previous, why, set_aside(previous).name)
     os.replace(last, previous)
     if digest_file(last).exists():
         os.replace(digest_file(last), digest_file(previous))

@@ -420,7 +420,8 @@ def user_error(error: BaseException) -> str | None:
             return str(write_error(Path(e.filename or "."), e))
     for e in chain:
         if isinstance(e, (HydraException, OmegaConfBaseException, MisconfigurationException)):
-            return " ".join(str(e).split("\n")[0:3]).strip()
+            where = f"override {e.override!r}: " if getattr(e, "override", None) else ""  # a malformed override
+            return where + " ".join(str(e).split("\n")[0:3]).strip()
     return None
 
 

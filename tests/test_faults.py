@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -138,9 +139,9 @@ def assert_same_as_uninterrupted(run: Path, reference: Path) -> None:
 
 
 def snapshot(run: Path) -> dict[str, str]:
-    """Digest of every file of the run that a refused command must not touch (its own log lines and failure
-    record aside, and Hydra's .hydra/, which Hydra writes before ssmlm runs)."""
-    skip = {"train.log", "status.json"}
+    """Digest of every file of the run that a refused command must not touch (its own log lines, failure record
+    and lock record aside, and Hydra's .hydra/, which Hydra writes before ssmlm runs)."""
+    skip = {"train.log", "status.json", "run.lock"}
     return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))
             if p.is_file() and p.name not in skip and ".hydra" not in p.parts}
 
@@ -402,7 +403,7 @@ def test_bad_values_exit_2_with_one_line_naming_the_key(data, tmp_path, referenc
     def attempt(name: str):
         args, expected = cases[name]
         own_dir = any(a.startswith("hydra.run.dir=") for a in args)
-        run = [] if own_dir else [f"hydra.run.dir={tmp_path / name.replace(' ', '_')}"]
+        run = [] if own_dir else [f"hydra.run.dir={tmp_path / re.sub(r'[^a-z0-9_-]', '_', name)}"]
         return name, run_cli(*ARGS, *data, *run, *args, timeout=300), expected
 
     with ThreadPoolExecutor(3) as pool:
