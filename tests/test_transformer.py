@@ -30,7 +30,7 @@ def test_step_equals_forward(pos_emb):
     check_recurrent_form(model, torch.randint(0, 17, (2, 21)), prompt=9, prefix=5)
     with torch.no_grad():
         _, cache = model(torch.randint(0, 17, (2, 9)), return_state=True)
-    assert cache.length == 9 and cache.capacity == 32
+    assert all(layer.length == 9 and layer.capacity == 32 for layer in cache)  # one KV cache per layer
 
 
 def test_full_cache_is_a_clear_error():
