@@ -55,7 +55,11 @@ class LanguageModel(nn.Module, abc.ABC):
     def step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         """(batch,) token ids -> ((batch, vocab) logits, next state)."""
 
-    # Capabilities generation reads (declared here, not probed with getattr):
+    # Capabilities (declared here, not probed with getattr):
+    causal: bool = True
+    """False: positions see later tokens (bidirectional layers, for non-causal use); no recurrent form, and
+    training as a language model refuses it."""
+
     max_positions: int | None = None
     """The positions the model can read at all (a table of learned positions); None: no limit."""
 

@@ -59,9 +59,10 @@ class SequenceLayer(nn.Module):
     """A mixer as a plain layer: ``layer(x)`` is a tensor of x's shape; the state goes through explicit methods
     (``forward_with_state``, ``step``, ``allocate_state``). Other attributes are the mixer's or its SSM core's."""
 
-    def __init__(self, mixer: Mixer):
+    def __init__(self, mixer: Mixer, dropout: float = 0.0):
         super().__init__()
         self.mixer = mixer
+        self.dropout = nn.Dropout(dropout)  # on the output (layers whose mixer has none inside)
 
     def __getattr__(self, name: str):
         try:
@@ -75,17 +76,19 @@ class SequenceLayer(nn.Module):
         raise AttributeError(f"{type(self).__name__} (and its mixer) has no attribute {name!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mixer(x, need_state=False)[0]
+        return self.dropout(self.mixer(x, need_state=False)[0])
 
     def forward_with_state(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """x (batch, L, d) continuing from ``state`` -> (y, the state after the last token)."""
         if not self.mixer.causal:
             raise ConfigError(f"a bidirectional {type(self).__name__} reads later tokens and has no recurrent "
                               "state; build it with bidirectional=False to continue from a state")
-        return self.mixer(x, state)
+        y, state = self.mixer(x, state)
+        return self.dropout(y), state
 
     def step(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-        return self.mixer.step(x, state)
+        y, state = self.mixer.step(x, state)
+        return self.dropout(y), state
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> Any:
         return self.mixer.allocate_state(batch_size, device, dtype)
@@ -97,10 +100,15 @@ def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
     return NORMS[kind](dim, eps=eps)
 
 
-def feed_forward(d_model: int, hidden: int, dropout: float) -> nn.Sequential:
-    """LayerNorm -> Linear(d, hidden) -> GELU -> Linear(hidden, d) -> dropout: an MLP branch of a block."""
-    return nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model),
-                         nn.Dropout(dropout))
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
+
+
+def feed_forward(d_model: int, hidden: int, dropout: float, activation: str = "gelu") -> nn.Sequential:
+    """LayerNorm -> Linear(d, hidden) -> activation -> Linear(hidden, d) -> dropout: an MLP branch of a block."""
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"model.activation={activation!r}: use one of {', '.join(ACTIVATIONS)}")
+    return nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, hidden), ACTIVATIONS[activation](),
+                         nn.Linear(hidden, d_model), nn.Dropout(dropout))
 
 
 class Block(nn.Module):
@@ -167,7 +175,7 @@ class BackboneLM(LanguageModel):
                  norm_eps: float = 1e-5, block_norm: bool = True, residual_gate: str = "none", dropout: float = 0.0,
                  emb_dim: int | None = None, max_positions: int | None = None, embed_dropout: float = 0.0,
                  final_norm: bool = True, head_norm: bool = False, head_dropout: float = 0.0,
-                 head_bias: bool = False, tie_embeddings: bool = False):
+                 head_bias: bool = False, tie_embeddings: bool = False, causal: bool = True):
         super().__init__()
         self.vocab_size = vocab_size
         projected = emb_dim is not None  # an embedding of its own width, projected to d_model
@@ -180,13 +188,14 @@ class BackboneLM(LanguageModel):
         blocks = []
         for i in range(n_layers):
             mixer = make_mixer(i)
-            if not mixer.causal:
+            if causal and not mixer.causal:
                 raise ConfigError("model.bidirectional=true lets every position see later tokens, which a language "
                                   "model must not; set model.bidirectional=false (the layers support it for "
                                   "non-causal use through ssmlm.create_model)")
             blocks.append(Block(d_model, mixer, make_norm(norm, d_model, norm_eps) if block_norm else None,
                                 None if make_mlp is None else make_mlp(i), residual_gate, dropout))
         self.blocks = nn.ModuleList(blocks)
+        self.causal = all(block.mixer.causal for block in self.blocks)
         self.norm_f = make_norm(norm, d_model, norm_eps) if final_norm else nn.Identity()
         self.head_norm = nn.LayerNorm(d_model) if head_norm else None
         self.head_dropout = nn.Dropout(head_dropout)
@@ -237,7 +246,14 @@ class BackboneLM(LanguageModel):
             x = self.head_norm(x)
         return self.head(self.head_dropout(x))
 
+    def _check_recurrent(self) -> None:
+        if not self.causal:
+            raise ConfigError(f"this {type(self).__name__} has bidirectional layers: it reads whole sequences and "
+                              "has no recurrent state; build it with bidirectional=False to step or continue it")
+
     def forward(self, tokens: torch.Tensor, state: Any = None, return_state: bool = False):
+        if state is not None or return_state:
+            self._check_recurrent()
         x = self._input(tokens, state)
         next_state = []
         for i, block in enumerate(self.blocks):
@@ -249,11 +265,13 @@ class BackboneLM(LanguageModel):
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> list:
         """One state per block. SSM states keep their own precision (fp32 / complex64); KV caches take ``dtype``
         (default: the embedding's)."""
+        self._check_recurrent()
         device = device if device is not None else self.embedding.weight.device
         dtype = dtype if dtype is not None else self.embedding.weight.dtype
         return [block.allocate_state(batch_size, device, dtype) for block in self.blocks]
 
     def step(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        self._check_recurrent()
         x = self._input(tokens, state)
         next_state = []
         for block, layer_state in zip(self.blocks, state):

@@ -11,6 +11,7 @@ from torch import nn
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.base import set_optim
+from ssmlm.models.hippo import INITS, init_A
 
 
 def check_dt_range(dt_min: float, dt_max: float) -> None:
@@ -41,16 +42,23 @@ def selective_projections(dim: int, d_state: int, dt_rank: int) -> tuple[nn.Line
 
 
 def init_selective_dynamics(dt_proj: nn.Linear, dim: int, d_state: int, dt_min: float, dt_max: float,
-                            dt_init_floor: float = 1e-4) -> tuple[nn.Parameter, nn.Parameter]:
+                            dt_init_floor: float = 1e-4, A_init: str = "real") -> tuple[nn.Parameter, nn.Parameter]:
     """Mamba's initialisation: dt log-uniform in [dt_min, dt_max] (dt_proj's bias is its inverse softplus, the
-    weight small); returns A_log (A = -(1, ..., N) per channel, S4D-Real, kept as log(-A) so that A stays
-    negative) and the skip D = 1. None of them is weight-decayed."""
+    weight small); returns A_log (A real and negative, kept as log(-A)) and the skip D = 1, none weight-decayed.
+
+    ``A_init``: "real" is Mamba's S4D-Real, A = -(1, ..., N) per channel. The selective scan's A is real, so the
+    other S4D initialisations (lin | inv | legs) give A = -|lambda_n|, the decay rates of their N complex modes.
+    """
+    if A_init not in INITS:
+        raise ConfigError(f"model.init={A_init!r} is not an S4D initialisation; use one of {', '.join(INITS)}")
     dt_rank = dt_proj.in_features
     nn.init.uniform_(dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
     dt = torch.exp(log_uniform_dt(dim, dt_min, dt_max)).clamp(min=dt_init_floor)
     with torch.no_grad():
         dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-    A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(dim, 1))
+    rates = (torch.arange(1, d_state + 1, dtype=torch.float32) if A_init == "real"
+             else init_A(A_init, 2 * d_state).abs().float())
+    A_log = nn.Parameter(torch.log(rates).repeat(dim, 1))
     D = nn.Parameter(torch.ones(dim))
     for p in (A_log, D, dt_proj.bias):
         set_optim(p, weight_decay=0.0)

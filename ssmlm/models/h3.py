@@ -55,8 +55,7 @@ class H3Mixer(Mixer):
             if ssm_layer == "s4d":
                 ssm_kwargs.setdefault("c_std", 1 / math.sqrt(d_state // 2))
         self.ssm = make_lti_core(ssm_layer, d_model, d_state, **ssm_kwargs)
-        if not self.ssm.causal:
-            raise ConfigError("H3's SSM must be causal: set bidirectional=false")
+        self.causal = self.ssm.causal  # a bidirectional core makes the mixer non-causal (its shift SSM stays causal)
 
     def _qkv(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hi = torch.promote_types(u.dtype, torch.float32)  # the SSMs run in fp32 at least
@@ -65,6 +64,7 @@ class H3Mixer(Mixer):
     def forward(self, u: torch.Tensor, state=None, need_state: bool = True):
         """u: (batch, L, H). With ``state`` (shift register (batch, H, N-1), SSM state) the sequence continues."""
         batch, L, H = u.shape
+        need_state = need_state and self.causal
         q, k, v = self._qkv(u)  # (batch, L, H)
         shift_state, ssm_state = (None, None) if state is None else state
         if shift_state is None:
@@ -111,7 +111,9 @@ def _add_mode_axis(C: torch.Tensor) -> torch.Tensor:
 class H3LM(BackboneLM):
     """Embedding -> n_layers x [x + H3(LN x), then x + MLP(LN x) when mlp_expand > 0] -> LayerNorm -> head.
 
-    The recurrent state is a list with one (shift register, SSM state) pair per layer.
+    The recurrent state is a list with one (shift register, SSM state) pair per layer. ``ssm_kwargs``: more
+    options of the SSM core (e.g. ``bidirectional``, which needs ``causal=False``: not a language model then);
+    ``activation``: the MLP's.
     """
 
     # before the mixer contract the mixer held S4D's parameters itself, C without the kernels axis
@@ -123,12 +125,12 @@ class H3LM(BackboneLM):
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, d_state: int = 64, ssm_layer: str = "s4d",
                  init: str | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1, mlp_expand: int = 2,
                  dropout: float = 0.1, ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024,
-                 ssm_kwargs: dict | None = None):
+                 activation: str = "gelu", ssm_kwargs: dict | None = None, causal: bool = True):
         if mlp_expand < 0:
             raise ConfigError(f"model.mlp_expand={mlp_expand} must be >= 0 (0: no MLP after each H3 layer)")
         super().__init__(
             vocab_size, d_model, n_layers,
             lambda i: H3Mixer(d_model, d_state, ssm_layer, init=init, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr,
                               kernel_chunk=kernel_chunk, **(ssm_kwargs or {})),
-            make_mlp=lambda i: feed_forward(d_model, mlp_expand * d_model, dropout) if mlp_expand > 0 else None,
-            dropout=dropout)
+            make_mlp=lambda i: feed_forward(d_model, mlp_expand * d_model, dropout, activation) if mlp_expand > 0
+            else None, dropout=dropout, causal=causal)

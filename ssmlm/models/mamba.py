@@ -12,7 +12,8 @@ mamba_ssm's ``MambaLMHeadModel`` names (``backbone.embedding``, ``backbone.layer
 Recurrent state per layer: ``(conv_state (batch, d_inner, d_conv - 1), ssm_state (batch, d_inner, d_state) fp32)``,
 the last conv inputs and the scan state. ``forward`` continues from a given state and can return the next one.
 
-Variants (constructor switches, all off = plain Mamba): ``residual_gate`` a learnable scalar or per-channel scale
+``init`` picks A's initialisation (default "real": S4D-Real, Mamba's). Variants (constructor switches, all off =
+plain Mamba): ``residual_gate`` a learnable scalar or per-channel scale
 on each block's output (initialised to 1, i.e. plain Mamba at init), ``head_norm`` a LayerNorm between the final
 norm and the head, ``dropout`` on the embedding and on every block output, ``activation="gelu"`` for the conv and
 gate non-linearity.
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.blocks import BackboneLM, Mixer
+from ssmlm.models.blocks import BackboneLM, Mixer, SequenceLayer
 from ssmlm.models.cores import init_selective_dynamics, selective_projections, selective_step
 from ssmlm.ops.selective_scan import check_backend, selective_scan
 
@@ -39,7 +40,7 @@ class MambaMixer(Mixer):
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2, dt_rank="auto",
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4, bias: bool = False,
-                 conv_bias: bool = True, activation: str = "silu", scan_backend: str = "auto"):
+                 conv_bias: bool = True, activation: str = "silu", scan_backend: str = "auto", init: str = "real"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ConfigError(f"model.activation={activation!r}: use one of {', '.join(ACTIVATIONS)}")
@@ -57,7 +58,7 @@ class MambaMixer(Mixer):
         self.x_proj, self.dt_proj = selective_projections(self.d_inner, d_state, self.dt_rank)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         self.A_log, self.D = init_selective_dynamics(self.dt_proj, self.d_inner, d_state, dt_min, dt_max,
-                                                     dt_init_floor)
+                                                     dt_init_floor, A_init=init)
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.activation](x)
@@ -106,6 +107,19 @@ class MambaMixer(Mixer):
         return self.out_proj(y), (window[..., 1:], ssm_state)
 
 
+class MambaLayer(SequenceLayer):
+    """One Mamba mixer as a layer: ``layer(x)`` is a tensor of x's shape; ``dropout`` on its output. The seed
+    project's names: ``expand_factor`` is ``expand``, ``init_method`` is ``init`` (A's initialisation)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, expand_factor: float = 2, init_method: str = "real",
+                 bidirectional: bool = False, dropout: float = 0.0, **mixer_kwargs):
+        if bidirectional:
+            raise ConfigError("MambaLayer(bidirectional=True): the selective scan runs forwards only; use S4Layer "
+                              "or S4DLayer for a bidirectional layer")
+        super().__init__(MambaMixer(d_model, d_state, expand=expand_factor, init=init_method, **mixer_kwargs),
+                         dropout)
+
+
 class MambaLM(BackboneLM):
     """Mamba-1 LM. Sizes: ``d_model`` residual width, ``d_inner = expand * d_model`` mixer width, ``d_state`` N."""
 
@@ -116,11 +130,11 @@ class MambaLM(BackboneLM):
                  expand: float = 2, dt_rank="auto", bias: bool = False, conv_bias: bool = True,
                  norm: str = "rmsnorm", norm_eps: float = 1e-5, tie_embeddings: bool = True,
                  residual_gate: str = "none", head_norm: bool = False, dropout: float = 0.0,
-                 activation: str = "silu", scan_backend: str = "auto"):
+                 activation: str = "silu", scan_backend: str = "auto", init: str = "real"):
         super().__init__(
             vocab_size, d_model, n_layers,
             lambda i: MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, bias=bias,
-                                 conv_bias=conv_bias, activation=activation, scan_backend=scan_backend),
+                                 conv_bias=conv_bias, activation=activation, scan_backend=scan_backend, init=init),
             norm=norm, norm_eps=norm_eps, residual_gate=residual_gate, dropout=dropout, embed_dropout=dropout,
             head_norm=head_norm, tie_embeddings=tie_embeddings)
 

@@ -395,6 +395,8 @@ class S4Layer(SequenceLayer):
 class S4LM(BackboneLM):
     """Embedding -> n_layers x pre-norm residual S4 layer -> LayerNorm -> linear head.
 
+    ``bidirectional`` layers need ``causal=False``: a non-causal sequence model (ssmlm.create_model), not an LM.
+
     The recurrent state is a list with one complex (batch, d_model, d_state/2) tensor per layer.
     """
 
@@ -403,8 +405,8 @@ class S4LM(BackboneLM):
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, d_state: int = 64, init: str = "legs",
                  discretization: str = "bilinear", n_ssm: int | None = None, dt_min: float = 1e-3,
                  dt_max: float = 1e-1, dropout: float = 0.1, ssm_lr: float | None = 1e-3,
-                 kernel_chunk: int | None = 1024, bidirectional: bool = False):
+                 kernel_chunk: int | None = 1024, bidirectional: bool = False, causal: bool = True):
         super().__init__(vocab_size, d_model, n_layers, lambda i: GLUMixer(DPLRSSM(
             d_model, d_state=d_state, init=init, discretization=discretization, n_ssm=n_ssm, dt_min=dt_min,
             dt_max=dt_max, ssm_lr=ssm_lr, kernel_chunk=kernel_chunk, bidirectional=bidirectional), d_model, dropout),
-            dropout=dropout)
+            dropout=dropout, causal=causal)

@@ -15,8 +15,6 @@ generation uses the recurrence; :class:`DiagonalSSM` holds both, and tests check
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,42 +23,10 @@ from ssmlm.errors import ConfigError
 from ssmlm.models.base import mark_ssm_dynamics
 from ssmlm.models.blocks import BackboneLM, Mixer, SequenceLayer
 from ssmlm.models.cores import OutputGLU, check_dt_range, log_uniform_dt
+from ssmlm.models.hippo import INITS, init_A, legs_diagonal  # noqa: F401 - S4D's initialisations, here by name
 from ssmlm.ops.fftconv import causal_fft_conv
 
-INITS = ("lin", "inv", "real", "legs")
 DISCRETIZATIONS = ("zoh", "bilinear")
-
-
-def legs_diagonal(N: int) -> torch.Tensor:
-    """Eigenvalues of the normal part of HiPPO-LegS, one of each conjugate pair: (N/2,) complex128.
-
-    LegS is A_nk = -sqrt(2n+1) sqrt(2k+1) (n > k), -(n+1) (n = k), 0 (n < k). Adding P P^T with
-    P_n = sqrt(n + 1/2) leaves -1/2 I + S with S skew-symmetric (the normal-plus-low-rank form of S4),
-    so the eigenvalues are -1/2 + i*w with i*w the eigenvalues of S, in +/- pairs.
-    """
-    n = torch.arange(N, dtype=torch.float64)
-    q = torch.sqrt(2 * n + 1)
-    legs = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(n + 1)
-    p = torch.sqrt(n + 0.5)
-    skew = legs + p[:, None] * p[None, :] + 0.5 * torch.eye(N, dtype=torch.float64)
-    # -iS is Hermitian when S is real skew-symmetric: its real eigenvalues w give S's eigenvalues i*w.
-    w = torch.linalg.eigvalsh(-1j * skew.to(torch.complex128))  # ascending
-    return torch.complex(torch.full((N // 2,), -0.5, dtype=torch.float64), w[N - N // 2:])
-
-
-def init_A(init: str, N: int) -> torch.Tensor:
-    """The N/2 diagonal entries of A (one per conjugate pair) for an S4D initialisation: complex128."""
-    n = torch.arange(N // 2, dtype=torch.float64)
-    half = torch.full_like(n, -0.5)
-    if init == "lin":  # S4D-Lin: frequencies spread linearly, like a Fourier basis
-        return torch.complex(half, math.pi * n)
-    if init == "inv":  # S4D-Inv: an approximation of LegS's frequencies
-        return torch.complex(half, N / math.pi * (N / (2 * n + 1) - 1))
-    if init == "real":  # S4D-Real: decaying exponentials, no oscillation
-        return torch.complex(-(n + 1), torch.zeros_like(n))
-    if init == "legs":
-        return legs_diagonal(N)
-    raise ConfigError(f"model.init={init!r} is not an S4D initialisation; use one of {', '.join(INITS)}")
 
 
 def _powers(log_dA: torch.Tensor, length: int) -> torch.Tensor:
@@ -256,6 +222,8 @@ class S4DLayer(SequenceLayer):
 class S4DLM(BackboneLM):
     """Embedding -> n_layers x pre-norm residual S4D layer -> LayerNorm -> linear head.
 
+    ``bidirectional`` layers need ``causal=False``: a non-causal sequence model (ssmlm.create_model), not an LM.
+
     The recurrent state is a list with one complex (batch, d_model, d_state/2) tensor per layer.
     """
 
@@ -263,8 +231,9 @@ class S4DLM(BackboneLM):
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, d_state: int = 64, init: str = "lin",
                  discretization: str = "zoh", dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.1,
-                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024, bidirectional: bool = False):
+                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024, bidirectional: bool = False,
+                 causal: bool = True):
         super().__init__(vocab_size, d_model, n_layers, lambda i: GLUMixer(DiagonalSSM(
             d_model, d_state=d_state, init=init, discretization=discretization, dt_min=dt_min, dt_max=dt_max,
             ssm_lr=ssm_lr, kernel_chunk=kernel_chunk, bidirectional=bidirectional), d_model, dropout),
-            dropout=dropout)
+            dropout=dropout, causal=causal)

@@ -113,7 +113,10 @@ class S5Layer(SequenceLayer):
     """One S5 layer on (batch, L, H): MIMO SSM + D skip -> GELU -> dropout -> Linear(H, 2H) -> GLU.
     ``layer(x)`` is a tensor."""
 
-    def __init__(self, d_model: int, d_state: int = 64, dropout: float = 0.0, **ssm_kwargs):
+    def __init__(self, d_model: int, d_state: int = 64, bidirectional: bool = False, dropout: float = 0.0,
+                 **ssm_kwargs):
+        if bidirectional:
+            raise ConfigError("S5Layer(bidirectional=True) is not implemented; use S4Layer or S4DLayer")
         super().__init__(GLUMixer(S5SSM(d_model, d_state, **ssm_kwargs), d_model, dropout))
 
 

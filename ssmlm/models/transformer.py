@@ -197,3 +197,129 @@ class TransformerLM(AttentionLM):
             raise ConfigError(f"position {start + L} exceeds model.max_seq_len={self.max_positions}, the number "
                               f"of learned positions (pos_emb=learned); raise model.max_seq_len or use pos_emb=rope")
         return x + self.positions(torch.arange(start, start + L, device=tokens.device))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries from x over keys and values from ``memory`` (x itself for self-attention).
+    ``mask``: boolean, True where a query may attend, broadcastable to (batch, heads, L_x, L_memory)."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
+        super().__init__()
+        if d_model % num_heads:
+            raise ConfigError(f"d_model={d_model} is not a multiple of num_heads={num_heads}")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (batch, heads, L, head_dim)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(self._heads(self.q_proj(x)), self._heads(k), self._heads(v),
+                                           attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).flatten(2))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm: x + self-attention(LN x), then x + MLP(LN x)."""
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float, attention_dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, num_heads, attention_dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.mlp = feed_forward(d_model, d_ff, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm(x)
+        x = x + self.dropout(self.attn(h, h, mask))
+        return x + self.mlp(x)
+
+
+class DecoderLayer(EncoderLayer):
+    """An encoder layer with cross-attention to the encoder's output between self-attention and the MLP."""
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float, attention_dropout: float):
+        super().__init__(d_model, num_heads, d_ff, dropout, attention_dropout)
+        self.cross_norm = nn.LayerNorm(d_model)
+        self.cross_attn = Attention(d_model, num_heads, attention_dropout)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None,
+                memory_mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm(x)
+        x = x + self.dropout(self.attn(h, h, mask))
+        x = x + self.dropout(self.cross_attn(self.cross_norm(x), memory, memory_mask))
+        return x + self.mlp(x)
+
+
+class TransformerModel(nn.Module):
+    """Encoder-decoder Transformer (Vaswani et al. 2017, pre-norm) for sequence-to-sequence tasks.
+
+    ``transformer(src, tgt, src_mask=None, tgt_mask=None)``: src (batch, L_src) and tgt (batch, L_tgt) token ids when
+    ``vocab_size`` is set (the output is then logits, (batch, L_tgt, vocab_size)), else (batch, L, d_model) vectors
+    (the output is (batch, L_tgt, d_model)). Learned positions up to ``max_seq_len``.
+
+    Masks are boolean, True where attention is allowed. ``src_mask``: (batch, L_src), True on real tokens (padding is
+    False): hidden from the encoder's self-attention and from the decoder's cross-attention; or any mask
+    broadcastable to (batch, heads, L_src, L_src), for the encoder only. ``tgt_mask``: broadcastable to
+    (batch, heads, L_tgt, L_tgt); None is the causal mask (:meth:`causal_mask`), what teacher forcing needs.
+    """
+
+    def __init__(self, d_model: int = 512, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
+                 num_heads: int = 8, d_ff: int = 2048, dropout: float = 0.1, attention_dropout: float = 0.1,
+                 max_seq_len: int = 2048, vocab_size: int | None = None):
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.embedding = None if vocab_size is None else nn.Embedding(vocab_size, d_model)
+        self.positions = nn.Embedding(max_seq_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(d_model, num_heads, d_ff, dropout, attention_dropout)
+                                     for _ in range(num_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(d_model, num_heads, d_ff, dropout, attention_dropout)
+                                     for _ in range(num_decoder_layers))
+        self.encoder_norm = nn.LayerNorm(d_model)
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.head = None if vocab_size is None else nn.Linear(d_model, vocab_size)
+
+    @staticmethod
+    def causal_mask(length: int, device=None) -> torch.Tensor:
+        """(length, length) boolean: position i attends to positions <= i."""
+        return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+    def _embed(self, seq: torch.Tensor) -> torch.Tensor:
+        x = seq if self.embedding is None else self.embedding(seq)
+        L = x.shape[1]
+        if L > self.max_seq_len:
+            raise ConfigError(f"a sequence of {L} positions exceeds max_seq_len={self.max_seq_len}")
+        return self.dropout(x + self.positions(torch.arange(L, device=x.device)))
+
+    @staticmethod
+    def _padding(src_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+        """A (batch, L_src) padding mask as (batch, 1, 1, L_src): the keys every query may see; else None."""
+        if src_mask is None or src_mask.shape != shape:
+            return None
+        return src_mask[:, None, None, :]
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self._embed(src)
+        padding = self._padding(src_mask, x.shape[:2])
+        for layer in self.encoder:
+            x = layer(x, src_mask if padding is None else padding)
+        return self.encoder_norm(x)
+
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
+               src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self._embed(tgt)
+        if tgt_mask is None:
+            tgt_mask = self.causal_mask(x.shape[1], x.device)
+        memory_mask = self._padding(src_mask, memory.shape[:2])
+        for layer in self.decoder:
+            x = layer(x, memory, tgt_mask, memory_mask)
+        x = self.decoder_norm(x)
+        return x if self.head is None else self.head(x)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
+                tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(tgt, self.encode(src, src_mask), tgt_mask, src_mask)
