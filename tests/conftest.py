@@ -18,6 +18,15 @@ CONF_DIR = REPO / "conf"
 resolvers.register()
 
 
+def reference_presets() -> dict[str, tuple[int, int, int]]:
+    """The reference grid's presets as conf/experiment/ holds them: name -> (emb_dim, hidden, n_layers)."""
+    presets = {}
+    for path in sorted((CONF_DIR / "experiment").glob("[!_]*.yaml")):
+        size = OmegaConf.load(path).size
+        presets[path.stem] = (size.emb_dim, size.hidden, size.n_layers)
+    return presets
+
+
 def data_dir() -> Path:
     return (REPO / os.environ.get("SSMLM_DATA_DIR", "../shared/data")).resolve()
 

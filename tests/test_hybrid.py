@@ -14,10 +14,10 @@ from ssmlm.errors import ConfigError
 from ssmlm.models.hybrid import GatedSSMMixer, HybridLM
 from ssmlm.models.transformer import KVCache, SelfAttention
 from ssmlm.train import train
-from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form
+from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form, reference_presets
 from tiny_runs import TINY, tiny_data
 
-PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
+PRESETS = reference_presets()
 # (ssm, attn_layers, ssm_dim): each SSM pure and interleaved with attention; one GSS-style narrow SSM stream
 VARIANTS = {
     "s4d": ("s4d", [], None),

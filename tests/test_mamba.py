@@ -9,7 +9,7 @@ import torch
 from ssmlm.errors import CheckpointError, ConfigError
 from ssmlm.models.mamba import MambaLM
 from ssmlm.models.pretrained import load_pretrained_mamba
-from conftest import check_recurrent_form, run_steps
+from conftest import check_recurrent_form, reference_presets, run_steps
 
 IMPROVED = dict(residual_gate="channel", head_norm=True, dropout=0.1, activation="gelu")
 VARIANTS = {"plain": {}, "improved": IMPROVED, "scalar_gate_layernorm": dict(residual_gate="scalar", norm="layernorm")}
@@ -77,7 +77,7 @@ def test_init_and_optimizer_hints():
         MambaLM(37, scan_backend="cuda")
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small", "medium", "large"])
+@pytest.mark.parametrize("preset", reference_presets())
 def test_configs_build_with_sizes_comparable_to_the_diag_ssm(make_cfg, preset):
     def build(model):
         cfg = make_cfg(f"model={model}", f"experiment={preset}", "hardware=gtx1080ti")

@@ -15,11 +15,11 @@ from ssmlm.models.hippo import MEASURES, transition
 from ssmlm.models.s4 import (DISCRETIZATIONS, MIN_DECAY, S4Layer, S4LM, hippo_half, krylov_products, readout,
                              real_form, solve_small)
 from ssmlm.train import train
-from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form
+from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form, reference_presets
 from tiny_runs import TINY, tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
+PRESETS = reference_presets()
 
 
 def small_lm(**kwargs):

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from ssmlm.errors import ConfigError
 from ssmlm.models.s4d import DISCRETIZATIONS, INITS, S4DLayer, S4DLM, init_A, legs_diagonal
 from ssmlm.ops.fftconv import causal_fft_conv, next_fast_len
-from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form
+from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form, reference_presets
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
+PRESETS = reference_presets()
 
 
 def direct_causal_conv(u, k, D=None):
