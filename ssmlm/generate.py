@@ -28,19 +28,17 @@ from ssmlm.sampling import Sampling
 def room_for(model: LanguageModel, prompt_len: int, max_new_tokens: int) -> int:
     """How many of ``max_new_tokens`` the model can generate after a prompt of ``prompt_len`` tokens.
 
-    Recurrent models: all. A KV cache holds ``model.max_seq_len`` positions (the last new token is never fed
-    back): with rotary positions, which have no table, the cache is made as long as needed; with learned
-    positions, generation stops at the last position the model has.
+    Recurrent models: all. A model with learned positions stops at the last one it has
+    (``model.max_positions``); otherwise position-dependent state (KV caches) is sized for all of them at once.
     """
-    limit = getattr(model, "max_seq_len", None)
-    needed = prompt_len + max_new_tokens - 1
-    if limit is None or needed <= limit:
-        return max_new_tokens
-    if getattr(model, "pos_emb", None) == "rope":
-        print(f"# note: generating {needed} positions, past the {limit} the model was trained on", file=sys.stderr)
-        model.max_seq_len = needed
-        return max_new_tokens
-    return max(0, limit - prompt_len + 1)
+    limit = model.max_positions
+    needed = prompt_len + max_new_tokens - 1  # the last new token is never fed back
+    if limit is not None and needed > limit:
+        return max(0, limit - prompt_len + 1)
+    if model.reserve_positions(needed):
+        print(f"# note: generating {needed} positions, past the cache size the model was configured with",
+              file=sys.stderr)
+    return max_new_tokens
 
 
 class GraphedStep:
@@ -185,7 +183,7 @@ def generate(cfg) -> list[str]:
     prompt_ids = encode_prompt(tokenizer, str(cfg.prompt), bool(cfg.allow_unk))
     if room_for(model, len(prompt_ids), cfg.max_new_tokens) < cfg.max_new_tokens:
         raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens={cfg.max_new_tokens} exceed the "
-                          f"model's max_seq_len={model.max_seq_len} (its learned positions); lower max_new_tokens "
+                          f"model's max_seq_len={model.max_positions} (its learned positions); lower max_new_tokens "
                           f"or shorten the prompt")
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     decoder = Decoder(model, cuda_graph=bool(cfg.cuda_graph))

@@ -79,6 +79,9 @@ class LMModule(L.LightningModule):
         check_optim(optim)
         self.save_hyperparameters()
         self.model: LanguageModel = hydra.utils.instantiate(model_cfg, vocab_size=vocab_size)
+        if not self.model.causal:  # next-token prediction is trivial for a model that sees the next token
+            raise ConfigError(f"model {model_cfg.get('_target_')} is bidirectional: a language model must be causal; "
+                              "set model.bidirectional=false (and model.causal=true)")
         attach_masks(self.model, sparsity)
         self.compile_model = compile
         self.metrics = torch.nn.ModuleDict({s: SplitMetrics(vocab_size) for s in ("val", "test")})

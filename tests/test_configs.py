@@ -13,7 +13,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """The options of a config group; files starting with _ are what the options share, not options."""
+    return sorted(p.stem for p in (CONF / group).glob("[!_]*.yaml"))
 
 
 MODELS, DATA, HARDWARE, EXPERIMENTS = options("model"), options("data"), options("hardware"), options("experiment")

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.hybrid import AttentionBlock, GatedSSMBlock, HybridLM
-from ssmlm.models.transformer import KVCache
+from ssmlm.models.hybrid import GatedSSMMixer, HybridLM
+from ssmlm.models.transformer import KVCache, SelfAttention
 from ssmlm.train import train
-from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form
+from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form, reference_presets
 from tiny_runs import TINY, tiny_data
 
-PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
+PRESETS = reference_presets()
 # (ssm, attn_layers, ssm_dim): each SSM pure and interleaved with attention; one GSS-style narrow SSM stream
 VARIANTS = {
     "s4d": ("s4d", [], None),
@@ -39,8 +39,8 @@ def small_lm(ssm="s4d", attn_layers=(), **kwargs):
 def test_step_equals_forward(variant):
     ssm, attn_layers, ssm_dim = VARIANTS[variant]
     model = small_lm(ssm, attn_layers, ssm_dim=ssm_dim)
-    kinds = [type(b) for b in model.blocks]
-    assert kinds.count(AttentionBlock) == len(attn_layers) and kinds.count(GatedSSMBlock) == 3 - len(attn_layers)
+    kinds = [type(b.mixer) for b in model.blocks]
+    assert kinds.count(SelfAttention) == len(attn_layers) and kinds.count(GatedSSMMixer) == 3 - len(attn_layers)
     tokens = torch.randint(0, 17, (2, 23))
     # prefix 3: forward continuing from a state across the caches' initial capacity (8)
     check_recurrent_form(model, tokens, prompt=11, prefix=3)
@@ -102,7 +102,7 @@ def test_configs_match_reference_param_count_at_every_preset(make_cfg):
                 reference = vocab * e + e * h + n * (h * h + 6 * h) + h * vocab + vocab
                 assert 0.85 < net.num_params() / reference < 1.15, (model, ssm, preset, net.num_params(), reference)
                 assert len(net.blocks) == n and net.attn_layers == ((n - 1,) if model == "hybrid_attn" else ())
-                ssm_layer = net.blocks[0].ssm
+                ssm_layer = net.blocks[0].mixer.ssm
                 assert ssm_layer.d_state == (32 if ssm == "s4d" else 16)
                 if ssm == "selective":
                     assert ssm_layer.scan_backend == "chunked"  # from hardware.scan_backend

@@ -9,7 +9,7 @@ import torch
 from ssmlm.errors import CheckpointError, ConfigError
 from ssmlm.models.mamba import MambaLM
 from ssmlm.models.pretrained import load_pretrained_mamba
-from conftest import check_recurrent_form, run_steps
+from conftest import check_recurrent_form, reference_presets, run_steps
 
 IMPROVED = dict(residual_gate="channel", head_norm=True, dropout=0.1, activation="gelu")
 VARIANTS = {"plain": {}, "improved": IMPROVED, "scalar_gate_layernorm": dict(residual_gate="scalar", norm="layernorm")}
@@ -62,35 +62,35 @@ def test_gradients_reach_every_parameter():
 
 def test_init_and_optimizer_hints():
     model = MambaLM(37, d_model=32, n_layers=2, residual_gate="scalar")
-    mixer = model.backbone.layers[0].mixer
+    mixer = model.blocks[0].mixer
     torch.testing.assert_close(-torch.exp(mixer.A_log[0]), -torch.arange(1.0, 17.0))
     torch.testing.assert_close(mixer.D, torch.ones_like(mixer.D))
     dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
     assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 1e-1 * 1.001
-    for p in (mixer.A_log, mixer.D, mixer.dt_proj.bias, model.backbone.layers[0].residual_gate):
+    for p in (mixer.A_log, mixer.D, mixer.dt_proj.bias, model.blocks[0].residual_gate):
         assert p._optim == {"weight_decay": 0.0}
-    assert model.backbone.layers[0].residual_gate.item() == 1.0
-    assert model.lm_head.weight is model.backbone.embedding.weight
+    assert model.blocks[0].residual_gate.item() == 1.0
+    assert model.head.weight is model.embedding.weight
     with pytest.raises(ConfigError, match="model.activation"):
         MambaLM(37, activation="relu")
     with pytest.raises(ConfigError, match="hardware.scan_backend"):
         MambaLM(37, scan_backend="cuda")
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small", "medium", "large"])
+@pytest.mark.parametrize("preset", reference_presets())
 def test_configs_build_with_sizes_comparable_to_the_diag_ssm(make_cfg, preset):
     def build(model):
         cfg = make_cfg(f"model={model}", f"experiment={preset}", "hardware=gtx1080ti")
         return hydra.utils.instantiate(cfg.model, vocab_size=141), cfg.size.n_layers
 
     (plain, n_layers), (improved, _), (diag, _) = build("mamba"), build("mamba_improved"), build("diag_ssm")
-    assert isinstance(plain, MambaLM) and plain.backbone.layers[0].residual_gate is None
-    assert plain.head_norm is None and plain.dropout.p == 0.0
-    assert improved.backbone.layers[0].residual_gate.shape == (improved.lm_head.in_features,)
-    assert improved.head_norm is not None and improved.dropout.p == 0.1
-    assert improved.backbone.layers[0].mixer.activation == "gelu"
-    assert improved.backbone.layers[0].mixer.scan_backend == "chunked"  # from hardware.scan_backend
-    assert len(plain.backbone.layers) == n_layers
+    assert isinstance(plain, MambaLM) and plain.blocks[0].residual_gate is None
+    assert plain.head_norm is None and plain.embed_dropout.p == 0.0
+    assert improved.blocks[0].residual_gate.shape == (improved.head.in_features,)
+    assert improved.head_norm is not None and improved.embed_dropout.p == 0.1
+    assert improved.blocks[0].mixer.activation == "gelu"
+    assert improved.blocks[0].mixer.scan_backend == "chunked"  # from hardware.scan_backend
+    assert len(plain.blocks) == n_layers
     assert 0.9 < plain.num_params() / diag.num_params() < 1.1
 
 

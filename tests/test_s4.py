@@ -15,11 +15,11 @@ from ssmlm.models.hippo import MEASURES, transition
 from ssmlm.models.s4 import (DISCRETIZATIONS, MIN_DECAY, S4Layer, S4LM, hippo_half, krylov_products, readout,
                              real_form, solve_small)
 from ssmlm.train import train
-from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form
+from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form, reference_presets
 from tiny_runs import TINY, tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
+PRESETS = reference_presets()
 
 
 def small_lm(**kwargs):
@@ -46,7 +46,7 @@ def full_eigenbasis(measure, N):
 def dense_reference(layer, measure, L):
     """K_l = C dA^l dB (fp64) from the materialised A = V (Lambda - P P^*) V^* in the HiPPO basis."""
     with torch.no_grad():
-        Lambda, P, B, dt = layer.ssm()
+        Lambda, P, B, dt = layer.dplr()
         C = torch.view_as_complex(layer.C)
     V = full_eigenbasis(measure, layer.d_state)
     both = lambda half: torch.cat([half.conj(), half], dim=-1)  # noqa: E731 - a mode and its conjugate
@@ -102,7 +102,7 @@ def test_solve_small_pivots_like_lu():
 def test_initial_A_is_the_hippo_matrix(measure):
     N = 16
     layer = S4Layer(3, N, init=measure).double()
-    Lambda, P, B, _ = layer.ssm()
+    Lambda, P, B, _ = layer.dplr()
     A_real, B_real = real_form(Lambda, P, B)  # on [Re x, Im x], x the N/2 modes
     V = hippo_half(measure, N)[3]
     W = 2 * torch.cat([V.real, -V.imag], dim=1)  # x_hippo = 2 Re(V x) = W [Re x, Im x]; W^T W = 2 I
@@ -161,7 +161,7 @@ def test_chunked_gradients_states_and_kernels_equal_unchunked():
             torch.testing.assert_close(a.grad, b.grad, atol=1e-9, rtol=1e-7, msg=name)
         with torch.no_grad():
             for a, b in zip(chunked.blocks, whole.blocks):
-                torch.testing.assert_close(a.ssm.kernel(30), b.ssm.kernel(30), atol=1e-10, rtol=1e-8)
+                torch.testing.assert_close(a.mixer.ssm.kernel(30), b.mixer.ssm.kernel(30), atol=1e-10, rtol=1e-8)
 
 
 @pytest.mark.parametrize("measure,discretization", list(itertools.product(MEASURES, DISCRETIZATIONS)))
@@ -186,7 +186,7 @@ def test_bidirectional_lm_refused_and_layer_is_noncausal():
     bi = S4Layer(6, 8, bidirectional=True).double().eval()
     causal = S4Layer(6, 8).double().eval()
     weights = bi.state_dict()
-    causal.load_state_dict({**weights, "C": weights["C"][1:]})
+    causal.load_state_dict({**weights, "mixer.ssm.C": weights["mixer.ssm.C"][1:]})
     u = torch.randn(2, 15, 6, dtype=torch.float64)
     with torch.no_grad():
         # forward kernel and skip off: what is left is the anti-causal half, the causal layer run on the
@@ -199,18 +199,18 @@ def test_bidirectional_lm_refused_and_layer_is_noncausal():
         with pytest.raises(ConfigError, match="bidirectional"):
             bi.step(u[:, 0], causal.allocate_state(2))
         with pytest.raises(ConfigError, match="bidirectional"):
-            bi(u, return_state=True)
+            bi.forward_with_state(u)
 
 
 def test_dt_log_uniform_tied_copies_and_optimizer_hints():
     layer = S4Layer(4096, 4, n_ssm=2, dt_min=1e-3, dt_max=1e-1, ssm_lr=2e-3)
     dt = layer.log_dt.exp()
     assert dt.min() >= 1e-3 and dt.max() <= 1e-1 and 0.45 < (dt < 1e-2).float().mean() < 0.55
-    Lambda, P, B, _ = layer.ssm()
+    Lambda, P, B, _ = layer.dplr()
     assert layer.Lambda_imag.shape == (2, 2) and Lambda.shape == (4096, 2) and P.shape == (1, 4096, 2)
     with torch.no_grad():
         layer.B[1] += 1  # the second copy serves the second half of the channels
-    B = layer.ssm()[2]
+    B = layer.dplr()[2]
     assert torch.equal(B[:2048], B[:1].expand(2048, -1)) and not torch.equal(B[2047], B[2048])
     for p in (layer.log_dt, layer.log_Lambda_real, layer.Lambda_imag, layer.P, layer.B):
         assert p._optim == {"weight_decay": 0.0, "lr": 2e-3}

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from ssmlm.errors import ConfigError
 from ssmlm.models.s4d import DISCRETIZATIONS, INITS, S4DLayer, S4DLM, init_A, legs_diagonal
 from ssmlm.ops.fftconv import causal_fft_conv, next_fast_len
-from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form
+from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form, reference_presets
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
+PRESETS = reference_presets()
 
 
 def direct_causal_conv(u, k, D=None):
@@ -69,7 +69,7 @@ def test_chunked_kernel_and_state_equal_unchunked():
     tokens = torch.randint(0, 17, (2, 30))
     with torch.no_grad():
         for layer_c, layer_w in zip(chunked.blocks, whole.blocks):
-            torch.testing.assert_close(layer_c.ssm.kernel(30), layer_w.ssm.kernel(30), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer_c.mixer.ssm.kernel(30), layer_w.mixer.ssm.kernel(30), atol=1e-5, rtol=1e-5)
         prefix_c = chunked(tokens[:, :13], return_state=True)[1]
         prefix_w = whole(tokens[:, :13], return_state=True)[1]
         out_c, state_c = chunked(tokens[:, 13:], state=prefix_c, return_state=True)
@@ -127,7 +127,7 @@ def test_bidirectional_lm_refused_and_layer_is_noncausal():
     bi = S4DLayer(6, 8, bidirectional=True, kernel_chunk=None).double().eval()
     causal = S4DLayer(6, 8, kernel_chunk=None).double().eval()
     state = bi.state_dict()
-    causal.load_state_dict({**state, "C": state["C"][1:]})
+    causal.load_state_dict({**state, "mixer.ssm.C": state["mixer.ssm.C"][1:]})
     u = torch.randn(2, 15, 6, dtype=torch.float64)
     with torch.no_grad():
         # forward kernel off, no skip: what is left is the backward (anti-causal) half, which is the
@@ -149,10 +149,10 @@ def test_optimizer_hints_on_A_and_dt():
     model = S4DLM(17, 8, 1, ssm_lr=2e-3)
     hints = {name: getattr(p, "_optim", None) for name, p in model.named_parameters()}
     for name in ("log_dt", "log_A_real", "A_imag"):
-        assert hints[f"blocks.0.ssm.{name}"] == {"weight_decay": 0.0, "lr": 2e-3}
-    assert hints["blocks.0.ssm.C"] is None and hints["head.weight"] is None
+        assert hints[f"blocks.0.mixer.ssm.{name}"] == {"weight_decay": 0.0, "lr": 2e-3}
+    assert hints["blocks.0.mixer.ssm.C"] is None and hints["head.weight"] is None
     global_lr = S4DLM(17, 8, 1, ssm_lr=None)
-    assert global_lr.blocks[0].ssm.log_dt._optim == {"weight_decay": 0.0}
+    assert global_lr.blocks[0].mixer.ssm.log_dt._optim == {"weight_decay": 0.0}
 
 
 @pytest.mark.parametrize("vocab", [141, 257])

@@ -88,7 +88,7 @@ def test_gradual_schedule_is_cubic_and_steps_between_updates():
 def test_report_counts_exactly():
     model = MambaLM(vocab_size=17, d_model=16, n_layers=2, d_state=16, scan_backend="ref")
     names = attach_masks(model, {"pattern": "nm", "n": 1, "m": 4})
-    assert [n.split(".", 3)[-1] for n in names] == ["mixer.in_proj.weight", "mixer.x_proj.weight",
+    assert [n.split(".", 2)[-1] for n in names] == ["mixer.in_proj.weight", "mixer.x_proj.weight",
                                                     "mixer.out_proj.weight"] * 2
     for _, module in masked_linears(model):
         getattr(module, MASK).copy_(nm_mask(module.weight, 1, 4))
@@ -104,16 +104,16 @@ def test_report_counts_exactly():
 
 
 @pytest.mark.parametrize("model, expected", [
-    ("diag_ssm", {"ssm.in_proj"}), ("s4d", {"ssm.out_proj"}), ("s5", {"ssm.out_proj"}),
+    ("diag_ssm", {"mixer.in_proj"}), ("s4d", {"mixer.output.out_proj"}), ("s5", {"mixer.output.out_proj"}),
     ("h3", {"mixer.in_proj", "mixer.out_proj", "mlp.1", "mlp.3"}),
     ("mamba", {"mixer.in_proj", "mixer.x_proj", "mixer.out_proj"}),
-    ("transformer", {"attn.qkv", "attn.out_proj", "mlp.0", "mlp.2"})])
+    ("transformer", {"mixer.qkv", "mixer.out_proj", "mlp.1", "mlp.3"})])
 def test_default_targets_are_the_block_projections_of_every_family(model, expected):
     cfg = OmegaConf.create({"size": {"emb_dim": 64, "hidden": 128, "n_layers": 2, "dropout": 0.0},
                             "hardware": {"scan_backend": "ref"}, "data": {"seq_len": 64},
                             "model": OmegaConf.load(REPO / f"conf/model/{model}.yaml")})
     names = attach_masks(instantiate(cfg.model, vocab_size=141), {"pattern": "nm", "n": 2, "m": 4})
-    assert {n.split(".", 3 if model == "mamba" else 2)[-1].removesuffix(".weight") for n in names} == expected
+    assert {n.split(".", 2)[-1].removesuffix(".weight") for n in names} == expected
     assert len(names) == 2 * len(expected)
 
 

@@ -10,18 +10,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from ssmlm import report
 from ssmlm.resolvers import run_id
 from tiny_runs import REPO, TINY, cli_env, run_cli, tiny_data
 
-GRID_BATCH = {"tiny": 32, "small": 16, "medium": 8, "large": 4}
+def preset_batch(name: str) -> int:
+    return OmegaConf.load(REPO / "conf" / "experiment" / f"{name}.yaml").batch_size
 
 
 def sweep_cells(params: dict, *extra: str) -> list[list[str]]:
-    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(extra))
+    """The cells of a sweep, as the multirun's sweeper expands them (glob() reads the config groups)."""
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(REPO / "conf")))
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(
+        [f"{k}={v}" for k, v in params.items()] + list(extra))
     return BasicSweeper.split_arguments(overrides, None)[0]
 
 
@@ -33,7 +40,7 @@ def test_grid_sweep_is_every_size_at_every_context_length_each_in_its_own_dir(ma
         cfg = make_cfg(*cell)
         overrides = dict(o.split("=", 1) for o in cell)
         assert cfg.data.seq_len == int(overrides["data.seq_len"])  # the axis wins over the preset's own seq_len
-        assert cfg.batch_size == GRID_BATCH[overrides["experiment"]]
+        assert cfg.batch_size == preset_batch(overrides["experiment"])
         name = run_id(cfg.hydra.job.override_dirname)
         assert name == f"data.seq_len={overrides['data.seq_len']},experiment={overrides['experiment']}"
         assert Path(cfg.hydra.sweep.dir).parts[-2:] == ("multirun", "grid")  # one folder for the whole sweep

@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.transformer import TransformerLM, rope_rotate
-from conftest import check_causal, check_recurrent_form
+from conftest import check_causal, check_recurrent_form, reference_presets
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = {"tiny": (64, 128, 2), "small": (64, 256, 4), "medium": (128, 512, 6), "large": (256, 768, 8)}
+PRESETS = reference_presets()
 
 
 def small_lm(**kwargs):
@@ -30,7 +30,7 @@ def test_step_equals_forward(pos_emb):
     check_recurrent_form(model, torch.randint(0, 17, (2, 21)), prompt=9, prefix=5)
     with torch.no_grad():
         _, cache = model(torch.randint(0, 17, (2, 9)), return_state=True)
-    assert cache.length == 9 and cache.capacity == 32
+    assert all(layer.length == 9 and layer.capacity == 32 for layer in cache)  # one KV cache per layer
 
 
 def test_full_cache_is_a_clear_error():

@@ -55,70 +55,18 @@ class LanguageModel(nn.Module, abc.ABC):
     def step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         """(batch,) token ids -> ((batch, vocab) logits, next state)."""
 
+    # Capabilities (declared here, not probed with getattr):
+    causal: bool = True
+    """False: positions see later tokens (bidirectional layers, for non-causal use); no recurrent form, and
+    training as a language model refuses it."""
+
+    max_positions: int | None = None
+    """The positions the model can read at all (a table of learned positions); None: no limit."""
+
+    def reserve_positions(self, n_positions: int) -> bool:
+        """Size position-dependent state (KV caches) for ``n_positions`` before generating, so it is allocated
+        once. Returns True when that is past what the model was configured for (it was trained on fewer)."""
+        return False
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-class PreNormBlock(nn.Module):
-    """``x + dropout(layer(LayerNorm(x)))``; the layer's recurrent state passes through ``forward`` and ``step``."""
-
-    def __init__(self, d_model: int, dropout: float, layer: nn.Module):
-        super().__init__()
-        self.norm = nn.LayerNorm(d_model)
-        self.ssm = layer
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x, state=None, return_state=False):
-        out = self.ssm(self.norm(x), state, return_state)
-        if return_state:
-            out, state = out
-        x = x + self.dropout(out)
-        return (x, state) if return_state else x
-
-    def allocate_state(self, batch_size, device=None):
-        return self.ssm.allocate_state(batch_size, device)
-
-    def step(self, x, state):
-        out, state = self.ssm.step(self.norm(x), state)
-        return x + self.dropout(out), state
-
-
-class BlockStackLM(LanguageModel):
-    """embedding -> residual blocks -> LayerNorm -> linear head, for families whose blocks implement
-    ``forward(x, state, return_state)`` (returning ``(x, state)`` when asked) and ``step(x, state)``.
-
-    Subclasses build ``self.blocks`` and call ``_build_stack`` for the shared parts; the recurrent state is a
-    list with one entry per block.
-    """
-
-    def _build_stack(self, vocab_size: int, d_model: int, blocks) -> None:
-        self.vocab_size = vocab_size
-        self.embedding = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(blocks)
-        self.norm_f = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-
-    def forward(self, tokens: torch.Tensor, state: Any = None, return_state: bool = False):
-        x = self.embedding(tokens)
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            out = block(x, None if state is None else state[i], return_state)
-            if return_state:
-                out, layer_state = out
-                new_state.append(layer_state)
-            x = out
-        logits = self.head(self.norm_f(x))
-        return (logits, new_state) if return_state else logits
-
-    def allocate_state(self, batch_size: int, device=None, dtype=None) -> list:
-        """dtype is ignored: SSM states are kept in fp32 / complex64 whatever the activations' dtype."""
-        device = device if device is not None else self.embedding.weight.device
-        return [block.allocate_state(batch_size, device) for block in self.blocks]
-
-    def step(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
-        x = self.embedding(tokens)
-        new_state = []
-        for block, layer_state in zip(self.blocks, state):
-            x, layer_state = block.step(x, layer_state)
-            new_state.append(layer_state)
-        return self.head(self.norm_f(x)), new_state

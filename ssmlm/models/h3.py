@@ -8,11 +8,12 @@ An H3 layer projects its input to Q, K, V (like attention) and mixes tokens with
 * SSM_shift has a shift matrix as A, so its state holds the last N inputs and its output is a learned causal
   convolution of length N: a short filter that lets K look at the previous few tokens (for "recall the token
   after X" patterns).
-* SSM_diag is an S4D layer (one diagonal complex SSM of N/2 conjugate modes per channel, ZOH): a long memory
-  of the products K * V, read out by the gate Q.
+* SSM_diag is a linear time-invariant SSM (``ssm_layer``, :mod:`ssmlm.models.lti`): by default S4D's (one
+  diagonal complex SSM of N/2 conjugate modes per channel, ZOH), or S4's DPLR one, or the reference's real diagonal
+  recurrence: a long memory of the products K * V, read out by the gate Q.
 
 Head dimension 1 (every channel its own SSM). Training uses convolutions (a grouped conv1d for the short filter,
-an FFT convolution for the diagonal kernel); generation keeps the shift register and the diagonal state.
+an FFT convolution for the SSM kernel); generation keeps the shift register and the SSM's state.
 """
 
 from __future__ import annotations
@@ -24,134 +25,112 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, mark_ssm_dynamics
-from ssmlm.models.s4d import INITS, check_ssm_sizes, discretise, final_state, init_A, vandermonde
-from ssmlm.ops.fftconv import causal_fft_conv
+from ssmlm.models.blocks import BackboneLM, Mixer, SequenceLayer, feed_forward
+from ssmlm.models.lti import make_lti_core
 
 
-class H3Layer(nn.Module):
-    """One H3 token mixer on (batch, L, H). State: (last N-1 values of K, diagonal SSM state)."""
+class H3Mixer(Mixer):
+    """One H3 token mixer on (batch, L, H). State: (last N-1 values of K, the SSM's state).
 
-    def __init__(self, d_model: int, d_state: int = 64, init: str = "lin", dt_min: float = 1e-3,
-                 dt_max: float = 1e-1, ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024):
+    ``ssm_layer``: the SSM_diag core (diag | s4d | s4); ``init`` its initialisation (None: the core's default),
+    ``ssm_kwargs`` more of its options. With s4d, C starts at 1/sqrt(N/2) of S4D's scale.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, ssm_layer: str = "s4d", init: str | None = None,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, ssm_lr: float | None = 1e-3,
+                 kernel_chunk: int | None = 1024, **ssm_kwargs):
         super().__init__()
-        check_ssm_sizes(d_state, dt_min, dt_max, kernel_chunk)
-        if init not in INITS:
-            raise ConfigError(f"model.init={init!r} is not an S4D initialisation; use one of {', '.join(INITS)}")
-        self.d_model, self.d_state, self.kernel_chunk = d_model, d_state, kernel_chunk
-        H, modes = d_model, d_state // 2
-        self.in_proj = nn.Linear(H, 3 * H)
-        self.out_proj = nn.Linear(H, H)
-
+        if d_state < 2:
+            raise ConfigError(f"model.d_state={d_state} must be at least 2 (the shift filter's length)")
+        self.d_model, self.d_state = d_model, d_state
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
         # Shift SSM: its kernel C A^l B with A the shift matrix and B = e_1 is just C, a length-N filter.
-        self.shift_kernel = nn.Parameter(torch.randn(H, d_state) / math.sqrt(d_state))
-
-        # Diagonal SSM, as in S4D: dt log-uniform per channel, A stored as log(-Re A) so Re A stays negative.
-        A = init_A(init, d_state).expand(H, modes).contiguous()
-        self.log_dt = nn.Parameter(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        self.log_A_real = nn.Parameter(torch.log(-A.real).float())
-        self.A_imag = nn.Parameter(A.imag.float())
-        mark_ssm_dynamics(self.log_dt, self.log_A_real, self.A_imag, lr=ssm_lr)
-        self.C = nn.Parameter(torch.view_as_real(torch.randn(H, modes, dtype=torch.cfloat) / math.sqrt(modes)))
-        self.D = nn.Parameter(torch.randn(H))
-
-    def discretise(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """log dA and dB (B = 1, ZOH) of the diagonal SSM, both (H, N/2) complex."""
-        return discretise(self.log_A_real, self.A_imag, self.log_dt)
+        self.shift_kernel = nn.Parameter(torch.randn(d_model, d_state) / math.sqrt(d_state))
+        if ssm_layer == "diag":
+            ssm_kwargs = dict(ssm_kwargs)
+        else:
+            ssm_kwargs = dict(init=init, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr, kernel_chunk=kernel_chunk,
+                              **ssm_kwargs)
+            if ssm_layer == "s4d":
+                ssm_kwargs.setdefault("c_std", 1 / math.sqrt(d_state // 2))
+        self.ssm = make_lti_core(ssm_layer, d_model, d_state, **ssm_kwargs)
+        self.causal = self.ssm.causal  # a bidirectional core makes the mixer non-causal (its shift SSM stays causal)
 
     def _qkv(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hi = torch.promote_types(u.dtype, torch.float32)  # the SSMs run in fp32 at least
         return tuple(t.to(hi) for t in self.in_proj(u).chunk(3, dim=-1))
 
-    def forward(self, u: torch.Tensor, state=None, return_state: bool = False):
-        """u: (batch, L, H). With ``state`` (shift register (batch, H, N-1), diagonal state (batch, H, N/2))
-        the sequence continues from it."""
+    def forward(self, u: torch.Tensor, state=None, need_state: bool = True):
+        """u: (batch, L, H). With ``state`` (shift register (batch, H, N-1), SSM state) the sequence continues."""
         batch, L, H = u.shape
-        q, k, v = (t.transpose(1, 2) for t in self._qkv(u))  # (batch, H, L)
-        shift_state, diag_state = self.allocate_state(batch, u.device) if state is None else state
+        need_state = need_state and self.causal
+        q, k, v = self._qkv(u)  # (batch, L, H)
+        shift_state, ssm_state = (None, None) if state is None else state
+        if shift_state is None:
+            shift_state = k.new_zeros(batch, H, self.d_state - 1)
 
         # Shift SSM: the register's last N-1 inputs (zeros at the start), then this sequence, through the filter.
-        k_ext = torch.cat([shift_state.to(k.dtype), k], dim=-1)
+        k_ext = torch.cat([shift_state.to(k.dtype), k.transpose(1, 2)], dim=-1)
         shifted_k = F.conv1d(k_ext, self.shift_kernel.flip(-1).to(k.dtype)[:, None, :], groups=H)  # (batch, H, L)
-        kv = shifted_k * v
+        y, ssm_state = self.ssm(shifted_k.transpose(1, 2) * v, ssm_state, need_state)
+        out = self.out_proj((q * y).to(u.dtype))
+        if not need_state:
+            return out, None
+        return out, (k_ext[..., k_ext.shape[-1] - (self.d_state - 1):], ssm_state)
 
-        log_dA, dB = self.discretise()
-        C = torch.view_as_complex(self.C)
-        y = causal_fft_conv(kv, vandermonde(C * dB, log_dA, L, self.kernel_chunk), self.D)
-        if state is not None:  # the initial state's contribution 2 Re(C dA^(t+1) x0)
-            y = y + vandermonde(C * torch.exp(log_dA) * diag_state, log_dA, L, self.kernel_chunk)
-        out = self.out_proj((q * y).transpose(1, 2).to(u.dtype))
-        if not return_state:
-            return out
-        new_diag = final_state(kv, log_dA, dB, self.kernel_chunk)
-        if state is not None:
-            new_diag = new_diag + torch.exp(log_dA * L) * diag_state
-        return out, (k_ext[..., k_ext.shape[-1] - (self.d_state - 1):], new_diag)
-
-    def allocate_state(self, batch_size: int, device=None):
-        real = self.log_dt.dtype
-        shift = torch.zeros(batch_size, self.d_model, self.d_state - 1, dtype=real, device=device)
-        diag = torch.zeros(batch_size, self.d_model, self.d_state // 2, device=device,
-                           dtype=torch.promote_types(real, torch.complex64))
-        return shift, diag
+    def allocate_state(self, batch_size: int, device=None, dtype=None):
+        shift = torch.zeros(batch_size, self.d_model, self.d_state - 1, dtype=self.shift_kernel.dtype, device=device)
+        return shift, self.ssm.allocate_state(batch_size, device, dtype)
 
     def step(self, u: torch.Tensor, state):
         """One token: u (batch, H) -> (y (batch, H), new state)."""
-        shift_state, diag_state = state
+        shift_state, ssm_state = state
         q, k, v = self._qkv(u)  # (batch, H)
         register = torch.cat([shift_state.to(k.dtype), k[..., None]], dim=-1)  # the last N values of K
         kv = (register * self.shift_kernel.flip(-1)).sum(-1) * v
-        log_dA, dB = self.discretise()
-        diag_state = torch.exp(log_dA) * diag_state + dB * kv[..., None]
-        y = 2 * (torch.view_as_complex(self.C) * diag_state).real.sum(-1) + self.D * kv
-        return self.out_proj((q * y).to(u.dtype)), (register[..., 1:], diag_state)
+        y, ssm_state = self.ssm.step(kv, ssm_state)
+        return self.out_proj((q * y).to(u.dtype)), (register[..., 1:], ssm_state)
 
 
-class H3Block(nn.Module):
-    """x + dropout(H3(LayerNorm(x))), then (when mlp_expand > 0) x + dropout(MLP(LayerNorm(x)))."""
+class H3Layer(SequenceLayer):
+    """One H3 token mixer as a layer: ``layer(x)`` is a tensor of x's shape. ``ssm_layer``: diag | s4d | s4;
+    ``init_method`` is the core's ``init`` under the seed project's name."""
 
-    def __init__(self, d_model: int, dropout: float, mlp_expand: int, **layer_kwargs):
-        super().__init__()
-        self.norm = nn.LayerNorm(d_model)
-        self.mixer = H3Layer(d_model, **layer_kwargs)
-        self.dropout = nn.Dropout(dropout)
-        self.mlp = None
-        if mlp_expand > 0:
-            self.mlp = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, mlp_expand * d_model), nn.GELU(),
-                                     nn.Linear(mlp_expand * d_model, d_model), nn.Dropout(dropout))
-
-    def _mlp(self, x):
-        return x if self.mlp is None else x + self.mlp(x)
-
-    def forward(self, x, state=None, return_state=False):
-        out = self.mixer(self.norm(x), state, return_state)
-        if return_state:
-            out, state = out
-        x = self._mlp(x + self.dropout(out))
-        return (x, state) if return_state else x
-
-    def allocate_state(self, batch_size, device=None):
-        return self.mixer.allocate_state(batch_size, device)
-
-    def step(self, x, state):
-        out, state = self.mixer.step(self.norm(x), state)
-        return self._mlp(x + self.dropout(out)), state
+    def __init__(self, d_model: int, d_state: int = 64, ssm_layer: str = "s4d", init_method: str | None = None,
+                 **mixer_kwargs):
+        if init_method is not None:
+            mixer_kwargs["init"] = init_method
+        super().__init__(H3Mixer(d_model, d_state, ssm_layer, **mixer_kwargs))
 
 
-class H3LM(BlockStackLM):
-    """Embedding -> n_layers x H3Block -> LayerNorm -> linear head.
+def _add_mode_axis(C: torch.Tensor) -> torch.Tensor:
+    return C[None]
 
-    The recurrent state is a list with one (shift register, diagonal state) pair per layer.
+
+class H3LM(BackboneLM):
+    """Embedding -> n_layers x [x + H3(LN x), then x + MLP(LN x) when mlp_expand > 0] -> LayerNorm -> head.
+
+    The recurrent state is a list with one (shift register, SSM state) pair per layer. ``ssm_kwargs``: more
+    options of the SSM core (e.g. ``bidirectional``, which needs ``causal=False``: not a language model then);
+    ``activation``: the MLP's.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, n_layers: int, d_state: int = 64, init: str = "lin",
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, mlp_expand: int = 2, dropout: float = 0.1,
-                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024):
-        super().__init__()
+    # before the mixer contract the mixer held S4D's parameters itself, C without the kernels axis
+    legacy_names = (r"blocks\.\d+\.mixer\.log_dt$", (
+        (r"blocks\.(\d+)\.mixer\.C$", r"blocks.\1.mixer.ssm.C", _add_mode_axis),
+        (r"blocks\.(\d+)\.mixer\.(log_dt|log_A_real|A_imag|D)$", r"blocks.\1.mixer.ssm.\2"),
+    ))
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, d_state: int = 64, ssm_layer: str = "s4d",
+                 init: str | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1, mlp_expand: int = 2,
+                 dropout: float = 0.1, ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024,
+                 activation: str = "gelu", ssm_kwargs: dict | None = None, causal: bool = True):
         if mlp_expand < 0:
             raise ConfigError(f"model.mlp_expand={mlp_expand} must be >= 0 (0: no MLP after each H3 layer)")
-        self._build_stack(vocab_size, d_model, (
-            H3Block(d_model, dropout, mlp_expand, d_state=d_state, init=init, dt_min=dt_min, dt_max=dt_max,
-                    ssm_lr=ssm_lr, kernel_chunk=kernel_chunk)
-            for _ in range(n_layers)
-        ))
+        super().__init__(
+            vocab_size, d_model, n_layers,
+            lambda i: H3Mixer(d_model, d_state, ssm_layer, init=init, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr,
+                              kernel_chunk=kernel_chunk, **(ssm_kwargs or {})),
+            make_mlp=lambda i: feed_forward(d_model, mlp_expand * d_model, dropout, activation) if mlp_expand > 0
+            else None, dropout=dropout, causal=causal)

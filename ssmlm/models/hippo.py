@@ -18,6 +18,8 @@ Everything is computed in float64 / complex128; callers cast.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ssmlm.errors import ConfigError
@@ -90,3 +92,38 @@ def dplr(measure: str, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     Lambda = torch.complex(torch.full_like(w, c.item()), w)
     Vh = V.conj().T
     return Lambda, P.to(torch.complex128) @ Vh.T, Vh @ B.to(torch.complex128), V
+
+
+INITS = ("lin", "inv", "real", "legs")  # S4D's diagonal initialisations
+
+
+def legs_diagonal(N: int) -> torch.Tensor:
+    """Eigenvalues of the normal part of HiPPO-LegS, one of each conjugate pair: (N/2,) complex128.
+
+    LegS is A_nk = -sqrt(2n+1) sqrt(2k+1) (n > k), -(n+1) (n = k), 0 (n < k). Adding P P^T with
+    P_n = sqrt(n + 1/2) leaves -1/2 I + S with S skew-symmetric (the normal-plus-low-rank form of S4),
+    so the eigenvalues are -1/2 + i*w with i*w the eigenvalues of S, in +/- pairs.
+    """
+    n = torch.arange(N, dtype=torch.float64)
+    q = torch.sqrt(2 * n + 1)
+    legs = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(n + 1)
+    p = torch.sqrt(n + 0.5)
+    skew = legs + p[:, None] * p[None, :] + 0.5 * torch.eye(N, dtype=torch.float64)
+    # -iS is Hermitian when S is real skew-symmetric: its real eigenvalues w give S's eigenvalues i*w.
+    w = torch.linalg.eigvalsh(-1j * skew.to(torch.complex128))  # ascending
+    return torch.complex(torch.full((N // 2,), -0.5, dtype=torch.float64), w[N - N // 2:])
+
+
+def init_A(init: str, N: int) -> torch.Tensor:
+    """The N/2 diagonal entries of A (one per conjugate pair) for an S4D initialisation: complex128."""
+    n = torch.arange(N // 2, dtype=torch.float64)
+    half = torch.full_like(n, -0.5)
+    if init == "lin":  # S4D-Lin: frequencies spread linearly, like a Fourier basis
+        return torch.complex(half, math.pi * n)
+    if init == "inv":  # S4D-Inv: an approximation of LegS's frequencies
+        return torch.complex(half, N / math.pi * (N / (2 * n + 1) - 1))
+    if init == "real":  # S4D-Real: decaying exponentials, no oscillation
+        return torch.complex(-(n + 1), torch.zeros_like(n))
+    if init == "legs":
+        return legs_diagonal(N)
+    raise ConfigError(f"model.init={init!r} is not an S4D initialisation; use one of {', '.join(INITS)}")

@@ -21,10 +21,10 @@ The SSM (``ssm``), one scalar-input SSM per channel, is one of:
 MLP) from :mod:`ssmlm.models.transformer`: 0-based indices, negative ones counting from the end, so ``[-1]``
 names the last layer at every depth.
 
-Recurrent state: a list with one entry per layer, the SSM's state or, for an attention layer, a one-layer
+Recurrent state: a list with one entry per layer, the SSM's state or, for an attention layer, a
 :class:`KVCache` allocated for ``max_seq_len`` positions, written in place as the Transformer's, and grown when a
-longer sequence comes. The cache's ``length`` is the position of the next token, so rotary positions continue
-after a prompt.
+longer sequence comes (rotary positions have no table, so the capacity is no limit on the positions the model can
+read). The cache's ``length`` is the position of the next token, so rotary positions continue after a prompt.
 """
 
 from __future__ import annotations
@@ -36,153 +36,93 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, mark_ssm_dynamics, set_optim
+from ssmlm.models.base import mark_ssm_dynamics
+from ssmlm.models.blocks import Mixer, feed_forward
+from ssmlm.models.cores import check_dt_range, init_selective_dynamics, selective_projections, selective_step
 from ssmlm.models.s4d import DiagonalSSM
-from ssmlm.models.transformer import KVCache, TransformerBlock
+from ssmlm.models.transformer import AttentionLM, SelfAttention, attention_block_legacy_names
 from ssmlm.ops.selective_scan import check_backend, selective_scan
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
 DEFAULT_D_STATE = {"s4d": 32, "selective": 16}  # per channel; see conf/model/hybrid.yaml
 
 
-class SelectiveSSM(nn.Module):
+class SelectiveSSM(Mixer):
     """Mamba's selective SSM alone on (batch, L, H): ``x_t = exp(dt_t A) x_{t-1} + dt_t B_t u_t``,
     ``y_t = C_t x_t + D u_t``, with dt_t, B_t, C_t projected from u_t. The state (batch, H, N) is fp32."""
 
     def __init__(self, dim: int, d_state: int = 16, dt_rank: int | str = "auto", dt_min: float = 1e-3,
                  dt_max: float = 1e-1, ssm_lr: float | None = 1e-3, scan_backend: str = "auto"):
         super().__init__()
-        if not 0 < dt_min <= dt_max:
-            raise ConfigError(f"model.dt_min={dt_min}, model.dt_max={dt_max}: need 0 < dt_min <= dt_max")
+        check_dt_range(dt_min, dt_max)
         if d_state < 1:
             raise ConfigError(f"model.d_state={d_state} must be positive")
         self.dim, self.d_state = dim, d_state
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.scan_backend = check_backend(scan_backend)
-        self.x_proj = nn.Linear(dim, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, dim)
-        # Mamba's init: dt starts log-uniform in [dt_min, dt_max] (dt_proj's bias is its inverse softplus),
-        # A = -(1, ..., N) for every channel (S4D-Real), kept as log(-A) so that A stays negative
-        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        dt = torch.exp(torch.rand(dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(dim, 1))
-        self.D = nn.Parameter(torch.ones(dim))
+        self.x_proj, self.dt_proj = selective_projections(dim, d_state, self.dt_rank)
+        self.A_log, self.D = init_selective_dynamics(self.dt_proj, dim, d_state, dt_min, dt_max, dt_init_floor=0.0)
         mark_ssm_dynamics(self.A_log, self.dt_proj.bias, lr=ssm_lr)
-        set_optim(self.D, weight_decay=0.0)
 
     def _dt_B_C(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """dt before its bias and softplus (..., H), B and C (..., N)."""
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt, self.dt_proj.weight), B, C
 
-    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
-        """u: (batch, L, H) -> y (batch, L, H) [, state (batch, H, N)]; continues from ``state``."""
+    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, need_state: bool = True):
+        """u: (batch, L, H) -> (y (batch, L, H), state (batch, H, N)); continues from ``state``."""
         delta, B, C = (t.transpose(1, 2) for t in self._dt_B_C(u))
         out = selective_scan(
             u.transpose(1, 2), delta, -torch.exp(self.A_log.float()), B.contiguous(), C.contiguous(),
             D=self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            return_last_state=return_state, backend=self.scan_backend, initial_state=state)
-        if not return_state:
-            return out.transpose(1, 2)
-        y, state = out
+            return_last_state=need_state, backend=self.scan_backend, initial_state=state)
+        y, state = out if need_state else (out, None)
         return y.transpose(1, 2), state
 
-    def allocate_state(self, batch_size: int, device=None) -> torch.Tensor:
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
         return torch.zeros(batch_size, self.dim, self.d_state, device=device, dtype=torch.float32)
 
     def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token: u (batch, H) -> (y (batch, H), new state), in fp32 like the scan."""
         delta, B, C = self._dt_B_C(u)
-        delta = F.softplus(delta.float() + self.dt_proj.bias.float())  # (batch, H)
-        u32 = u.float()
-        state = (torch.exp(delta[..., None] * -torch.exp(self.A_log.float())) * state
-                 + (delta * u32)[..., None] * B.float()[:, None])
-        y = (state * C.float()[:, None]).sum(-1) + self.D.float() * u32
+        y, state = selective_step(u, delta, self.dt_proj.bias, self.A_log, B, C, self.D, state)
         return y.to(u.dtype), state
 
 
-class GatedSSMBlock(nn.Module):
-    """``x + dropout(W_o(W_up SSM(act(W_u LN x)) * act(W_v LN x)))``; W_up only when ssm_dim != d_inner."""
+class GatedSSMMixer(Mixer):
+    """``W_o(W_up SSM(act(W_u x)) * act(W_v x))``; W_up only when ssm_dim != d_inner."""
 
-    def __init__(self, d_model: int, d_inner: int, ssm_dim: int, ssm: nn.Module, activation: str, dropout: float):
+    def __init__(self, d_model: int, d_inner: int, ssm_dim: int, ssm: Mixer, activation: str):
         super().__init__()
         self.ssm_dim, self.d_inner = ssm_dim, d_inner
         self.act = ACTIVATIONS[activation]
-        self.norm = nn.LayerNorm(d_model)
         self.in_proj = nn.Linear(d_model, self.ssm_dim + d_inner)  # W_u and W_v in one matmul
         self.ssm = ssm
         self.up_proj = nn.Linear(self.ssm_dim, d_inner) if self.ssm_dim != d_inner else None
         self.out_proj = nn.Linear(d_inner, d_model)
-        self.dropout = nn.Dropout(dropout)
 
     def _branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        u, v = self.in_proj(self.norm(x)).split([self.ssm_dim, self.d_inner], dim=-1)
+        u, v = self.in_proj(x).split([self.ssm_dim, self.d_inner], dim=-1)
         return self.act(u), self.act(v)
 
-    def _residual(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _output(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         y = y.to(v.dtype)  # S4D's SSM computes in fp32 at least
         if self.up_proj is not None:
             y = self.up_proj(y)
-        return x + self.dropout(self.out_proj(y * v))
+        return self.out_proj(y * v)
 
-    def forward(self, x: torch.Tensor, state=None, return_state: bool = False):
+    def forward(self, x: torch.Tensor, state=None, need_state: bool = True):
         u, v = self._branches(x)
-        y = self.ssm(u, state, return_state)
-        if return_state:
-            y, state = y
-        x = self._residual(x, y, v)
-        return (x, state) if return_state else x
+        y, state = self.ssm(u, state, need_state)
+        return self._output(y, v), state
 
-    def allocate_state(self, batch_size: int, device=None):
-        return self.ssm.allocate_state(batch_size, device)
+    def allocate_state(self, batch_size: int, device=None, dtype=None):
+        return self.ssm.allocate_state(batch_size, device, dtype)
 
     def step(self, x: torch.Tensor, state):
         u, v = self._branches(x)
         y, state = self.ssm.step(u, state)
-        return self._residual(x, y, v), state
-
-
-class AttentionBlock(nn.Module):
-    """A Transformer block (x + attn(LN x) with rotary positions, then x + MLP(LN x)) whose state is a KV cache."""
-
-    def __init__(self, d_model: int, head_dim: int, mlp_ratio: int, dropout: float):
-        super().__init__()
-        self.n_heads, self.head_dim = d_model // head_dim, head_dim
-        self.transformer = TransformerBlock(d_model, self.n_heads, mlp_ratio, dropout, rope=True)
-
-    def forward(self, x: torch.Tensor, state: KVCache | None = None, return_state: bool = False):
-        """With ``state`` the tokens follow its ``length`` cached positions; it is written and advanced in place."""
-        if state is not None:
-            _make_room(state, x.shape[1])
-        x = self.transformer(x, state)
-        if state is not None:
-            state.length += x.shape[1]
-        return (x, state) if return_state else x
-
-    def allocate_state(self, batch_size: int, capacity: int, device=None, dtype=None) -> KVCache:
-        shape = (batch_size, self.n_heads, capacity, self.head_dim)
-        return KVCache(keys=[torch.zeros(shape, device=device, dtype=dtype)],
-                       values=[torch.zeros(shape, device=device, dtype=dtype)])
-
-    def step(self, x: torch.Tensor, state: KVCache):
-        x, state = self.forward(x[:, None], state, return_state=True)
-        return x[:, 0], state
-
-
-def _make_room(cache: KVCache, n_tokens: int) -> None:
-    """Grow a one-layer ``cache`` in place (at least doubling it) when n_tokens more would not fit.
-
-    Rotary positions have no table, so the capacity is no limit on the positions the model can read: a prompt or a
-    generation longer than ``max_seq_len`` (e.g. the text samples after a validation on short windows) only costs
-    a reallocation now and then.
-    """
-    needed = cache.length + n_tokens
-    if needed > cache.capacity:
-        extra = max(needed, 2 * cache.capacity) - cache.capacity
-        cache.keys[0] = F.pad(cache.keys[0], (0, 0, 0, extra))
-        cache.values[0] = F.pad(cache.values[0], (0, 0, 0, extra))
+        return self._output(y, v), state
 
 
 def attention_layer_indices(attn_layers, n_layers: int) -> tuple[int, ...]:
@@ -199,13 +139,17 @@ def attention_layer_indices(attn_layers, n_layers: int) -> tuple[int, ...]:
     return tuple(sorted(indices))
 
 
-class HybridLM(BlockStackLM):
-    """Embedding -> n_layers blocks (gated-MLP SSM, or attention at ``attn_layers``) -> LayerNorm -> head.
+class HybridLM(AttentionLM):
+    """Embedding -> n_layers blocks (gated-MLP SSM, or attention + MLP at ``attn_layers``) -> LayerNorm -> head.
 
     ``max_seq_len`` is the capacity a KV cache starts with (None without attention layers), not a limit.
     """
 
-    pos_emb = "rope"  # tells ssmlm-generate that raising max_seq_len (to allocate the cache once) is allowed
+    # before the mixer contract a block held the gated MLP's parts itself, an attention block a "transformer"
+    legacy_names = (r"blocks\.\d+\.(ssm|in_proj|transformer)\.", (
+        *attention_block_legacy_names("transformer."),
+        (r"blocks\.(\d+)\.(in_proj|ssm|up_proj|out_proj)\.", r"blocks.\1.mixer.\2."),
+    ))
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, ssm: str = "s4d", expand: float = 2,
                  ssm_dim: int | None = None, activation: str = "gelu", d_state: int | None = None,
@@ -213,7 +157,6 @@ class HybridLM(BlockStackLM):
                  ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024, scan_backend: str = "auto",
                  attn_layers=(), head_dim: int = 8, mlp_ratio: int = 2, max_seq_len: int = 1024,
                  dropout: float = 0.1):
-        super().__init__()
         if ssm not in DEFAULT_D_STATE:
             raise ConfigError(f"model.ssm={ssm!r}: use one of {', '.join(DEFAULT_D_STATE)}")
         if activation not in ACTIVATIONS:
@@ -223,40 +166,29 @@ class HybridLM(BlockStackLM):
             raise ConfigError(f"model.expand={expand}: the gated MLP's width expand * d_model must be positive")
         if ssm_dim is not None and ssm_dim < 1:
             raise ConfigError(f"model.ssm_dim={ssm_dim} must be a positive width, or null for expand * d_model")
-        self.attn_layers = attention_layer_indices(attn_layers, n_layers)
-        if self.attn_layers:
+        attention = attention_layer_indices(attn_layers, n_layers)
+        if attention:
             if d_model % head_dim or head_dim % 2:
                 raise ConfigError(f"model.d_model={d_model} must be a multiple of model.head_dim={head_dim}, "
                                   f"an even number (rotary positions), when model.attn_layers is set")
             if max_seq_len < 1:
                 raise ConfigError(f"model.max_seq_len={max_seq_len} must be positive (the KV cache's capacity)")
-        self.max_seq_len = max_seq_len if self.attn_layers else None
         d_state = DEFAULT_D_STATE[ssm] if d_state is None else d_state
-
         dim = d_inner if ssm_dim is None else ssm_dim
 
-        def ssm_layer() -> nn.Module:
+        def make_mixer(i: int) -> Mixer:
+            if i in attention:
+                return SelfAttention(d_model, d_model // head_dim, dropout, rope=True, capacity=max_seq_len,
+                                     grow_cache=True)
             if ssm == "s4d":
-                return DiagonalSSM(dim, d_state=d_state, init=init, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr,
+                core = DiagonalSSM(dim, d_state=d_state, init=init, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr,
                                    kernel_chunk=kernel_chunk)
-            return SelectiveSSM(dim, d_state=d_state, dt_rank=dt_rank, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr,
-                                scan_backend=scan_backend)
+            else:
+                core = SelectiveSSM(dim, d_state=d_state, dt_rank=dt_rank, dt_min=dt_min, dt_max=dt_max,
+                                    ssm_lr=ssm_lr, scan_backend=scan_backend)
+            return GatedSSMMixer(d_model, d_inner, dim, core, activation)
 
-        self._build_stack(vocab_size, d_model, (
-            AttentionBlock(d_model, head_dim, mlp_ratio, dropout) if i in self.attn_layers
-            else GatedSSMBlock(d_model, d_inner, dim, ssm_layer(), activation, dropout)
-            for i in range(n_layers)
-        ))
-
-    def forward(self, tokens: torch.Tensor, state=None, return_state: bool = False):
-        """tokens (batch, L); continues from ``state`` (its KV caches advance in place) [and returns the next]."""
-        if state is None and return_state:  # the attention layers need a cache to fill
-            state = self.allocate_state(tokens.shape[0], tokens.device)
-        return super().forward(tokens, state, return_state)
-
-    def allocate_state(self, batch_size: int, device=None, dtype=None) -> list:
-        """SSM states are fp32 / complex64 whatever the activations' dtype; KV caches take ``dtype``."""
-        device = device if device is not None else self.embedding.weight.device
-        dtype = dtype if dtype is not None else self.embedding.weight.dtype
-        return [block.allocate_state(batch_size, self.max_seq_len, device, dtype) if isinstance(block, AttentionBlock)
-                else block.allocate_state(batch_size, device) for block in self.blocks]
+        super().__init__(vocab_size, d_model, n_layers, make_mixer,
+                         make_mlp=lambda i: feed_forward(d_model, mlp_ratio * d_model, dropout) if i in attention
+                         else None, dropout=dropout)
+        self.attn_layers = attention

@@ -4,14 +4,16 @@ embedding -> n_layers x [x + mixer(norm(x))] -> final norm -> head. The mixer (o
 in_proj to (x, gate z) -> causal depthwise conv1d + SiLU on x -> x_proj to (dt, B, C) -> dt_proj ->
 selective scan (input-dependent dt, B, C; A = -exp(A_log); skip D) -> y * SiLU(z) -> out_proj.
 
-Parameter names and shapes are mamba_ssm's ``MambaLMHeadModel`` (``backbone.embedding``, ``backbone.layers.{i}.
-{norm,mixer.*}``, ``backbone.norm_f``, ``lm_head``), so its checkpoints load as they are
+The model is a :class:`ssmlm.models.blocks.BackboneLM` of :class:`MambaMixer` blocks. Its state dict uses
+mamba_ssm's ``MambaLMHeadModel`` names (``backbone.embedding``, ``backbone.layers.{i}.{norm,mixer.*}``,
+``backbone.norm_f``, ``lm_head``; the mixer's own are mamba_simple's), so its checkpoints load as they are
 (:func:`ssmlm.models.pretrained.load_pretrained_mamba` also reads Hugging Face ones).
 
 Recurrent state per layer: ``(conv_state (batch, d_inner, d_conv - 1), ssm_state (batch, d_inner, d_state) fp32)``,
 the last conv inputs and the scan state. ``forward`` continues from a given state and can return the next one.
 
-Variants (constructor switches, all off = plain Mamba): ``residual_gate`` a learnable scalar or per-channel scale
+``init`` picks A's initialisation (default "real": S4D-Real, Mamba's). Variants (constructor switches, all off =
+plain Mamba): ``residual_gate`` a learnable scalar or per-channel scale
 on each block's output (initialised to 1, i.e. plain Mamba at init), ``head_norm`` a LayerNorm between the final
 norm and the head, ``dropout`` on the embedding and on every block output, ``activation="gelu"`` for the conv and
 gate non-linearity.
@@ -26,26 +28,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import LanguageModel, set_optim
+from ssmlm.models.blocks import BackboneLM, Mixer, SequenceLayer
+from ssmlm.models.cores import init_selective_dynamics, selective_projections, selective_step
 from ssmlm.ops.selective_scan import check_backend, selective_scan
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
 
-def _norm(kind: str, dim: int, eps: float) -> nn.Module:
-    if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=eps)
-    if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
-    raise ConfigError(f"model.norm={kind!r}: use 'rmsnorm' or 'layernorm'")
-
-
-class MambaMixer(nn.Module):
+class MambaMixer(Mixer):
     """The selective-SSM mixer of one block (mamba_ssm's ``Mamba``): (batch, L, d_model) -> same."""
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2, dt_rank="auto",
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4, bias: bool = False,
-                 conv_bias: bool = True, activation: str = "silu", scan_backend: str = "auto"):
+                 conv_bias: bool = True, activation: str = "silu", scan_backend: str = "auto", init: str = "real"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ConfigError(f"model.activation={activation!r}: use one of {', '.join(ACTIVATIONS)}")
@@ -60,28 +55,15 @@ class MambaMixer(nn.Module):
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
                                 bias=conv_bias)
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.x_proj, self.dt_proj = selective_projections(self.d_inner, d_state, self.dt_rank)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
-
-        # dt starts log-uniform in [dt_min, dt_max]: the bias is its inverse softplus, the weight small
-        dt_init_std = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        # S4D-Real: A = -(1, 2, ..., d_state) for every channel, kept as log(-A) so A stays negative
-        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
-        self.A_log = nn.Parameter(torch.log(A))
-        self.D = nn.Parameter(torch.ones(self.d_inner))
-        for p in (self.A_log, self.D, self.dt_proj.bias):
-            set_optim(p, weight_decay=0.0)
+        self.A_log, self.D = init_selective_dynamics(self.dt_proj, self.d_inner, d_state, dt_min, dt_max,
+                                                     dt_init_floor, A_init=init)
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.activation](x)
 
-    def forward(self, hidden: torch.Tensor, state=None):
+    def forward(self, hidden: torch.Tensor, state=None, need_state: bool = True):
         """hidden: (batch, L, d_model); state: (conv_state, ssm_state) or None. Returns (output, next state)."""
         batch = hidden.shape[0]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
@@ -118,106 +100,51 @@ class MambaMixer(nn.Module):
             x = x + self.conv1d.bias
         x = self._act(x)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # bias added in fp32, as the scan in `forward` does
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (batch, d_inner)
-        A = -torch.exp(self.A_log.float())
-        x32 = x.float()
-        ssm_state = torch.exp(delta[..., None] * A) * ssm_state + (delta * x32)[..., None] * B.float()[:, None]
-        y = (ssm_state * C.float()[:, None]).sum(-1) + self.D.float() * x32
+        # the dt bias is added in fp32, as the scan in `forward` does
+        y, ssm_state = selective_step(x, F.linear(dt, self.dt_proj.weight), self.dt_proj.bias, self.A_log, B, C,
+                                      self.D, ssm_state)
         y = (y * self._act(z.float())).to(hidden.dtype)
         return self.out_proj(y), (window[..., 1:], ssm_state)
 
 
-class MambaBlock(nn.Module):
-    """Pre-norm residual block: ``x + gate * dropout(mixer(norm(x)))``."""
+class MambaLayer(SequenceLayer):
+    """One Mamba mixer as a layer: ``layer(x)`` is a tensor of x's shape; ``dropout`` on its output. The seed
+    project's names: ``expand_factor`` is ``expand``, ``init_method`` is ``init`` (A's initialisation)."""
 
-    def __init__(self, d_model: int, norm: str = "rmsnorm", norm_eps: float = 1e-5, residual_gate: str = "none",
-                 dropout: float = 0.0, **mixer_kwargs):
-        super().__init__()
-        self.norm = _norm(norm, d_model, norm_eps)
-        self.mixer = MambaMixer(d_model, **mixer_kwargs)
-        self.dropout = nn.Dropout(dropout)
-        gate_shapes = {"none": None, "scalar": (), "channel": (d_model,)}
-        if residual_gate not in gate_shapes:
-            raise ConfigError(f"model.residual_gate={residual_gate!r}: use one of {', '.join(gate_shapes)}")
-        shape = gate_shapes[residual_gate]
-        # starts at 1, so the block starts as plain Mamba; not decayed towards 0 (which would switch it off)
-        self.residual_gate = None if shape is None else set_optim(nn.Parameter(torch.ones(shape)), weight_decay=0.0)
-
-    def _residual(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        out = self.dropout(out)
-        return x + (out if self.residual_gate is None else self.residual_gate * out)
-
-    def forward(self, x: torch.Tensor, state=None):
-        out, state = self.mixer(self.norm(x), state)
-        return self._residual(x, out), state
-
-    def allocate_state(self, batch_size: int, device=None, dtype=None):
-        return self.mixer.allocate_state(batch_size, device=device, dtype=dtype)
-
-    def step(self, x: torch.Tensor, state):
-        out, state = self.mixer.step(self.norm(x), state)
-        return self._residual(x, out), state
+    def __init__(self, d_model: int, d_state: int = 16, expand_factor: float = 2, init_method: str = "real",
+                 bidirectional: bool = False, dropout: float = 0.0, **mixer_kwargs):
+        if bidirectional:
+            raise ConfigError("MambaLayer(bidirectional=True): the selective scan runs forwards only; use S4Layer "
+                              "or S4DLayer for a bidirectional layer")
+        super().__init__(MambaMixer(d_model, d_state, expand=expand_factor, init=init_method, **mixer_kwargs),
+                         dropout)
 
 
-class MambaLM(LanguageModel):
+class MambaLM(BackboneLM):
     """Mamba-1 LM. Sizes: ``d_model`` residual width, ``d_inner = expand * d_model`` mixer width, ``d_state`` N."""
+
+    external_names = (("embedding.", "backbone.embedding."), ("blocks.", "backbone.layers."),
+                      ("norm_f.", "backbone.norm_f."), ("head.", "lm_head."))
 
     def __init__(self, vocab_size: int, d_model: int = 128, n_layers: int = 4, d_state: int = 16, d_conv: int = 4,
                  expand: float = 2, dt_rank="auto", bias: bool = False, conv_bias: bool = True,
                  norm: str = "rmsnorm", norm_eps: float = 1e-5, tie_embeddings: bool = True,
                  residual_gate: str = "none", head_norm: bool = False, dropout: float = 0.0,
-                 activation: str = "silu", scan_backend: str = "auto"):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.backbone = nn.ModuleDict(dict(
-            embedding=nn.Embedding(vocab_size, d_model),
-            layers=nn.ModuleList(
-                MambaBlock(d_model, norm=norm, norm_eps=norm_eps, residual_gate=residual_gate, dropout=dropout,
-                           d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, bias=bias,
-                           conv_bias=conv_bias, activation=activation, scan_backend=scan_backend)
-                for _ in range(n_layers)),
-            norm_f=_norm(norm, d_model, norm_eps),
-        ))
-        self.dropout = nn.Dropout(dropout)
-        self.head_norm = nn.LayerNorm(d_model) if head_norm else None
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+                 activation: str = "silu", scan_backend: str = "auto", init: str = "real"):
+        super().__init__(
+            vocab_size, d_model, n_layers,
+            lambda i: MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, bias=bias,
+                                 conv_bias=conv_bias, activation=activation, scan_backend=scan_backend, init=init),
+            norm=norm, norm_eps=norm_eps, residual_gate=residual_gate, dropout=dropout, embed_dropout=dropout,
+            head_norm=head_norm, tie_embeddings=tie_embeddings)
 
         # mamba_ssm's init: small embeddings, zero linear biases (but dt_proj's), and out_proj scaled by
         # 1/sqrt(n_layers) so the residual stream's variance does not grow with depth
-        nn.init.normal_(self.backbone.embedding.weight, std=0.02)
-        for layer in self.backbone.layers:
-            mixer = layer.mixer
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        for block in self.blocks:
+            mixer = block.mixer
             for linear in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
             with torch.no_grad():
                 mixer.out_proj.weight /= math.sqrt(n_layers)
-        if tie_embeddings:
-            self.lm_head.weight = self.backbone.embedding.weight
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.backbone.norm_f(x)
-        if self.head_norm is not None:
-            x = self.head_norm(x)
-        return self.lm_head(x)
-
-    def forward(self, tokens: torch.Tensor, state=None, return_state: bool = False):
-        x = self.dropout(self.backbone.embedding(tokens))
-        next_state = []
-        for i, layer in enumerate(self.backbone.layers):
-            x, layer_state = layer(x, None if state is None else state[i])
-            next_state.append(layer_state)
-        logits = self._logits(x)
-        return (logits, next_state) if return_state else logits
-
-    def allocate_state(self, batch_size: int, device=None, dtype=None):
-        return [layer.allocate_state(batch_size, device=device, dtype=dtype) for layer in self.backbone.layers]
-
-    def step(self, tokens: torch.Tensor, state):
-        x = self.dropout(self.backbone.embedding(tokens))
-        next_state = []
-        for layer, layer_state in zip(self.backbone.layers, state):
-            x, layer_state = layer.step(x, layer_state)
-            next_state.append(layer_state)
-        return self._logits(x), next_state

@@ -54,9 +54,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, PreNormBlock, mark_ssm_dynamics
+from ssmlm.models.base import mark_ssm_dynamics
+from ssmlm.models.blocks import BackboneLM, Mixer, SequenceLayer
+from ssmlm.models.cores import log_uniform_dt
 from ssmlm.models.hippo import MEASURES, dplr
-from ssmlm.models.s4d import check_ssm_sizes
+from ssmlm.models.s4d import GLU_LAYER_LEGACY_NAMES, GLUMixer, check_ssm_sizes
 from ssmlm.ops.fftconv import causal_fft_conv
 
 DISCRETIZATIONS = ("bilinear", "zoh")
@@ -245,8 +247,8 @@ def bilinear_kernel(C_tilde: torch.Tensor, Lambda: torch.Tensor, P: torch.Tensor
     return torch.fft.irfft(torch.cat(spectra, dim=-1), n=L).transpose(0, 1)
 
 
-class S4Layer(nn.Module):
-    """One S4 layer on (batch, L, H): SSM convolution + D skip -> GELU -> dropout -> Linear(H, 2H) -> GLU.
+class DPLRSSM(Mixer):
+    """S4's SSM alone on (batch, L, H): SSM convolution + D skip (the "s4" linear time-invariant core), fp32 out.
 
     ``init`` picks the HiPPO measure (legs | legt | lagt). ``n_ssm`` copies of (Lambda, P, B) are shared by groups of
     H / n_ssm consecutive channels (``None``: every channel its own, as S4's ``n_ssm``); dt, C and D are always per
@@ -255,7 +257,7 @@ class S4Layer(nn.Module):
     """
 
     def __init__(self, d_model: int, d_state: int = 64, init: str = "legs", discretization: str = "bilinear",
-                 n_ssm: int | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.0,
+                 n_ssm: int | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1,
                  bidirectional: bool = False, ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024):
         super().__init__()
         check_ssm_sizes(d_state, dt_min, dt_max, kernel_chunk)
@@ -268,11 +270,12 @@ class S4Layer(nn.Module):
             raise ConfigError(f"model.n_ssm={n_ssm} must divide d_model={d_model} (or be null: one SSM per channel)")
         self.d_model, self.d_state = d_model, d_state
         self.discretization, self.bidirectional, self.kernel_chunk = discretization, bidirectional, kernel_chunk
+        self.causal = not bidirectional
         H, modes = d_model, d_state // 2
 
         Lambda, P, B, _ = hippo_half(init, d_state)
         # dt log-uniform in [dt_min, dt_max] per channel; Re Lambda stored as log(-Re) so it stays negative.
-        self.log_dt = nn.Parameter(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.log_dt = nn.Parameter(log_uniform_dt(H, dt_min, dt_max))
         self.log_Lambda_real = nn.Parameter(torch.log((-Lambda.real).clamp(min=MIN_DECAY)).float().repeat(n_ssm, 1))
         self.Lambda_imag = nn.Parameter(Lambda.imag.float().repeat(n_ssm, 1))
         self.P = nn.Parameter(torch.view_as_real(P[:, None].repeat(1, n_ssm, 1).to(torch.cfloat)))
@@ -282,10 +285,8 @@ class S4Layer(nn.Module):
         kernels = 2 if bidirectional else 1
         self.C = nn.Parameter(torch.view_as_real(torch.randn(kernels, H, modes, dtype=torch.cfloat)))
         self.D = nn.Parameter(torch.randn(H))
-        self.dropout = nn.Dropout(dropout)
-        self.out_proj = nn.Linear(H, 2 * H)
 
-    def ssm(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def dplr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per channel: Lambda (H, N/2), P (r, H, N/2), B (H, N/2) complex halves, and dt (H,)."""
         copies = self.d_model // self.Lambda_imag.shape[0]
         Lambda = torch.complex(-torch.exp(self.log_Lambda_real), self.Lambda_imag).repeat_interleave(copies, 0)
@@ -294,14 +295,14 @@ class S4Layer(nn.Module):
         return Lambda, P, B, torch.exp(self.log_dt)
 
     def discretise(self, ssm: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """dA (H, N, N) and dB (H, N), dense, in real coordinates (from ``ssm``, :meth:`ssm`'s result, if given).
+        """dA (H, N, N) and dB (H, N), dense, in real coordinates (from ``ssm``, :meth:`dplr`'s result, if given).
 
         Bilinear: the columns of dA are the O(N) Woodbury step (:func:`bilinear_update`) applied to the N basis
         states with no input, dB the step from the zero state with u = 1: O(H N^2 r), the same arithmetic as
         ``step``. ZOH: expm([[A, B], [0, 0]] dt) = [[dA, dB], [0, 1]] (so dB = A^{-1} (dA - I) B without inverting
         A), O(H N^3).
         """
-        Lambda, P, B, dt = self.ssm() if ssm is None else ssm
+        Lambda, P, B, dt = self.dplr() if ssm is None else ssm
         N = self.d_state
         if self.discretization == "bilinear":
             eye = torch.eye(N + 1, N, dtype=dt.dtype, device=dt.device)  # the N basis states, then the zero state
@@ -319,9 +320,9 @@ class S4Layer(nn.Module):
                discrete: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The convolution kernel(s) K_l = 2 Re(C dA^l dB), l < L: (kernels, H, L), kernels = 2 when bidirectional.
 
-        ``ssm`` and ``discrete`` are :meth:`ssm`'s and :meth:`discretise`'s results when the caller has them.
+        ``ssm`` and ``discrete`` are :meth:`dplr`'s and :meth:`discretise`'s results when the caller has them.
         """
-        ssm = self.ssm() if ssm is None else ssm
+        ssm = self.dplr() if ssm is None else ssm
         dA, dB = self.discretise(ssm) if discrete is None else discrete
         C = readout(torch.view_as_complex(self.C))  # (kernels, H, N) real
         if self.discretization == "zoh":
@@ -330,15 +331,17 @@ class S4Layer(nn.Module):
         Lambda, P, B, dt = ssm
         return bilinear_kernel(complex_coordinates(C_tilde / 2).conj(), Lambda, P, B, dt, L, self.kernel_chunk)
 
-    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
-        """u: (batch, L, H). With ``state`` (batch, H, N/2) the sequence continues from it."""
-        if self.bidirectional and (state is not None or return_state):
+    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, need_state: bool = True):
+        """u: (batch, L, H) -> (y (batch, L, H), state (batch, H, N/2) complex); continues from ``state``.
+        Bidirectional: no state (None)."""
+        need_state = need_state and not self.bidirectional
+        if self.bidirectional and state is not None:
             raise ConfigError("a bidirectional S4 layer has no recurrent state: set model.bidirectional=false")
         L = u.shape[1]
         u_ch = u.transpose(1, 2).to(torch.promote_types(u.dtype, torch.float32))  # (batch, H, L), fp32 at least
         # the SSM's matrices stay in fp32 under mixed precision: its powers and Cauchy sums do not survive bf16
         with torch.autocast(u.device.type, enabled=False):
-            ssm = self.ssm()
+            ssm = self.dplr()
             dA, dB = self.discretise(ssm)
             K = self.kernel(L, ssm, (dA, dB))
             y = causal_fft_conv(u_ch, K[0], self.D)
@@ -349,15 +352,15 @@ class S4Layer(nn.Module):
                 x0 = real_coordinates(state).to(dA.dtype)
                 C = readout(torch.view_as_complex(self.C)[:1])
                 y = y + krylov_products(C, dA, dA @ x0.permute(1, 2, 0), L, self.kernel_chunk)[0]
-            if return_state:
-                x = final_state(u_ch, dA, dB, self.kernel_chunk)
-                if state is not None:
-                    x = x + torch.einsum("hnm,bhm->bhn", torch.linalg.matrix_power(dA, L), x0)
-        y = self.dropout(F.gelu(y)).transpose(1, 2)
-        y = F.glu(self.out_proj(y.to(u.dtype)), dim=-1)
-        return (y, complex_coordinates(x)) if return_state else y
+            if not need_state:
+                return y.transpose(1, 2), None
+            x = final_state(u_ch, dA, dB, self.kernel_chunk)
+            if state is not None:
+                x = x + torch.einsum("hnm,bhm->bhn", torch.linalg.matrix_power(dA, L), x0)
+        return y.transpose(1, 2), complex_coordinates(x)
 
-    def allocate_state(self, batch_size: int, device=None) -> torch.Tensor:
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        """complex64 (complex128 for an fp64 layer) whatever ``dtype``."""
         dtype = torch.promote_types(self.log_dt.dtype, torch.complex64)  # complex64, or complex128 in fp64
         return torch.zeros(batch_size, self.d_model, self.d_state // 2, dtype=dtype, device=device)
 
@@ -368,33 +371,42 @@ class S4Layer(nn.Module):
         u_hi = u.to(torch.promote_types(u.dtype, torch.float32))
         with torch.autocast(u.device.type, enabled=False):
             if self.discretization == "bilinear":
-                state = bilinear_update(*self.ssm(), state, u_hi)
+                state = bilinear_update(*self.dplr(), state, u_hi)
             else:
                 dA, dB = self.discretise()
                 x = torch.einsum("hnm,bhm->bhn", dA, real_coordinates(state)) + dB * u_hi[..., None]
                 state = complex_coordinates(x)
             y = 2 * (torch.view_as_complex(self.C)[0] * state).real.sum(-1) + self.D * u_hi
-        y = self.dropout(F.gelu(y))
-        return F.glu(self.out_proj(y.to(u.dtype)), dim=-1), state
+        return y, state
 
 
-class S4LM(BlockStackLM):
-    """Embedding -> n_layers x pre-norm residual S4Layer -> LayerNorm -> linear head.
+class S4Layer(SequenceLayer):
+    """One S4 layer on (batch, L, H): SSM convolution + D skip -> GELU -> dropout -> Linear(H, 2H) -> GLU.
+    ``layer(x)`` is a tensor; ``init_method`` is ``init`` (the HiPPO measure) under the seed project's name."""
+
+    def __init__(self, d_model: int, d_state: int = 64, init_method: str | None = None, bidirectional: bool = False,
+                 dropout: float = 0.0, **ssm_kwargs):
+        if init_method is not None:
+            ssm_kwargs["init"] = init_method
+        super().__init__(GLUMixer(DPLRSSM(d_model, d_state, bidirectional=bidirectional, **ssm_kwargs),
+                                  d_model, dropout))
+
+
+class S4LM(BackboneLM):
+    """Embedding -> n_layers x pre-norm residual S4 layer -> LayerNorm -> linear head.
+
+    ``bidirectional`` layers need ``causal=False``: a non-causal sequence model (ssmlm.create_model), not an LM.
 
     The recurrent state is a list with one complex (batch, d_model, d_state/2) tensor per layer.
     """
 
+    legacy_names = GLU_LAYER_LEGACY_NAMES
+
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, d_state: int = 64, init: str = "legs",
                  discretization: str = "bilinear", n_ssm: int | None = None, dt_min: float = 1e-3,
                  dt_max: float = 1e-1, dropout: float = 0.1, ssm_lr: float | None = 1e-3,
-                 kernel_chunk: int | None = 1024, bidirectional: bool = False):
-        super().__init__()
-        if bidirectional:
-            raise ConfigError("model.bidirectional=true lets every position see later tokens, which a language "
-                              "model must not; set model.bidirectional=false (S4Layer supports it for non-causal use)")
-        self._build_stack(vocab_size, d_model, (
-            PreNormBlock(d_model, dropout, S4Layer(
-                d_model, d_state=d_state, init=init, discretization=discretization, n_ssm=n_ssm, dt_min=dt_min,
-                dt_max=dt_max, dropout=dropout, ssm_lr=ssm_lr, kernel_chunk=kernel_chunk))
-            for _ in range(n_layers)
-        ))
+                 kernel_chunk: int | None = 1024, bidirectional: bool = False, causal: bool = True):
+        super().__init__(vocab_size, d_model, n_layers, lambda i: GLUMixer(DPLRSSM(
+            d_model, d_state=d_state, init=init, discretization=discretization, n_ssm=n_ssm, dt_min=dt_min,
+            dt_max=dt_max, ssm_lr=ssm_lr, kernel_chunk=kernel_chunk, bidirectional=bidirectional), d_model, dropout),
+            dropout=dropout, causal=causal)

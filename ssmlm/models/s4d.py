@@ -9,56 +9,24 @@ N/2 complex modes (the other half are their conjugates, so outputs are 2 Re(...)
 
 Unrolled from a zero state this is a convolution y = K * u + D u with the kernel
 K_l = 2 Re(sum_n C_n dB_n dA_n^l), a Vandermonde product. Training uses the convolution (by FFT),
-generation uses the recurrence; ``S4DLayer`` holds both, and tests check that they agree.
+generation uses the recurrence; :class:`DiagonalSSM` holds both, and tests check that they agree.
 (B is fixed to 1 and folded into C, as in S4D: a per-mode scale of B is redundant with C.)
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, PreNormBlock, mark_ssm_dynamics
+from ssmlm.models.base import mark_ssm_dynamics
+from ssmlm.models.blocks import BackboneLM, Mixer, SequenceLayer
+from ssmlm.models.cores import OutputGLU, check_dt_range, log_uniform_dt
+from ssmlm.models.hippo import INITS, init_A, legs_diagonal  # noqa: F401 - S4D's initialisations, here by name
 from ssmlm.ops.fftconv import causal_fft_conv
 
-INITS = ("lin", "inv", "real", "legs")
 DISCRETIZATIONS = ("zoh", "bilinear")
-
-
-def legs_diagonal(N: int) -> torch.Tensor:
-    """Eigenvalues of the normal part of HiPPO-LegS, one of each conjugate pair: (N/2,) complex128.
-
-    LegS is A_nk = -sqrt(2n+1) sqrt(2k+1) (n > k), -(n+1) (n = k), 0 (n < k). Adding P P^T with
-    P_n = sqrt(n + 1/2) leaves -1/2 I + S with S skew-symmetric (the normal-plus-low-rank form of S4),
-    so the eigenvalues are -1/2 + i*w with i*w the eigenvalues of S, in +/- pairs.
-    """
-    n = torch.arange(N, dtype=torch.float64)
-    q = torch.sqrt(2 * n + 1)
-    legs = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(n + 1)
-    p = torch.sqrt(n + 0.5)
-    skew = legs + p[:, None] * p[None, :] + 0.5 * torch.eye(N, dtype=torch.float64)
-    # -iS is Hermitian when S is real skew-symmetric: its real eigenvalues w give S's eigenvalues i*w.
-    w = torch.linalg.eigvalsh(-1j * skew.to(torch.complex128))  # ascending
-    return torch.complex(torch.full((N // 2,), -0.5, dtype=torch.float64), w[N - N // 2:])
-
-
-def init_A(init: str, N: int) -> torch.Tensor:
-    """The N/2 diagonal entries of A (one per conjugate pair) for an S4D initialisation: complex128."""
-    n = torch.arange(N // 2, dtype=torch.float64)
-    half = torch.full_like(n, -0.5)
-    if init == "lin":  # S4D-Lin: frequencies spread linearly, like a Fourier basis
-        return torch.complex(half, math.pi * n)
-    if init == "inv":  # S4D-Inv: an approximation of LegS's frequencies
-        return torch.complex(half, N / math.pi * (N / (2 * n + 1) - 1))
-    if init == "real":  # S4D-Real: decaying exponentials, no oscillation
-        return torch.complex(-(n + 1), torch.zeros_like(n))
-    if init == "legs":
-        return legs_diagonal(N)
-    raise ConfigError(f"model.init={init!r} is not an S4D initialisation; use one of {', '.join(INITS)}")
 
 
 def _powers(log_dA: torch.Tensor, length: int) -> torch.Tensor:
@@ -121,34 +89,35 @@ def check_ssm_sizes(d_state: int, dt_min: float, dt_max: float, kernel_chunk: in
     """The config checks every diagonal complex SSM layer (S4D, H3's diagonal SSM) shares."""
     if d_state < 2 or d_state % 2:
         raise ConfigError(f"model.d_state={d_state} must be a positive even number (N/2 conjugate pairs)")
-    if not 0 < dt_min <= dt_max:
-        raise ConfigError(f"model.dt_min={dt_min}, model.dt_max={dt_max}: need 0 < dt_min <= dt_max")
+    check_dt_range(dt_min, dt_max)
     if kernel_chunk is not None and kernel_chunk < 1:
         raise ConfigError(f"model.kernel_chunk={kernel_chunk} must be a positive int or null (unchunked)")
 
 
-class DiagonalSSM(nn.Module):
+class DiagonalSSM(Mixer):
     """S4D's SSM alone on (batch, L, H): y = K * u + D u (an FFT convolution) in training, the recurrence in
-    generation; no output non-linearity or projection. The output is fp32 (at least) whatever u's dtype.
+    generation; no output non-linearity or projection. The output is fp32 (at least) whatever u's dtype. The
+    "s4d" linear time-invariant core (:mod:`ssmlm.models.lti`).
 
     ``bidirectional`` adds a second kernel run backwards in time (non-causal use only: it has no recurrent
     form). ``kernel_chunk`` bounds the memory of computing kernels and states (see :func:`vandermonde`); it
-    changes nothing else.
+    changes nothing else. ``c_std``: the scale C is drawn with.
     """
 
     def __init__(self, d_model: int, d_state: int = 64, init: str = "lin", discretization: str = "zoh",
                  dt_min: float = 1e-3, dt_max: float = 1e-1, bidirectional: bool = False,
-                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024):
+                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024, c_std: float = 1.0):
         super().__init__()
         check_ssm_sizes(d_state, dt_min, dt_max, kernel_chunk)
         if discretization not in DISCRETIZATIONS:
             raise ConfigError(f"model.discretization={discretization!r}: use one of {', '.join(DISCRETIZATIONS)}")
         self.d_model, self.d_state = d_model, d_state
         self.discretization, self.bidirectional, self.kernel_chunk = discretization, bidirectional, kernel_chunk
+        self.causal = not bidirectional
         H, modes = d_model, d_state // 2
 
         # dt log-uniform in [dt_min, dt_max] per channel; A stored as log(-Re A) so Re A stays negative.
-        log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        log_dt = log_uniform_dt(H, dt_min, dt_max)
         A = init_A(init, d_state).expand(H, modes).contiguous()
         self.log_dt = nn.Parameter(log_dt)
         self.log_A_real = nn.Parameter(torch.log(-A.real).float())
@@ -156,7 +125,7 @@ class DiagonalSSM(nn.Module):
         mark_ssm_dynamics(self.log_dt, self.log_A_real, self.A_imag, lr=ssm_lr)
 
         kernels = 2 if bidirectional else 1
-        self.C = nn.Parameter(torch.view_as_real(torch.randn(kernels, H, modes, dtype=torch.cfloat)))
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(kernels, H, modes, dtype=torch.cfloat) * c_std))
         self.D = nn.Parameter(torch.randn(H))
 
     def discretise(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +137,11 @@ class DiagonalSSM(nn.Module):
         log_dA, dB = self.discretise()
         return vandermonde(torch.view_as_complex(self.C) * dB, log_dA, L, self.kernel_chunk)
 
-    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
-        """u: (batch, L, H) -> y (batch, L, H) [, state (batch, H, N/2) complex]; continues from ``state``."""
-        if self.bidirectional and (state is not None or return_state):
+    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, need_state: bool = True):
+        """u: (batch, L, H) -> (y (batch, L, H), state (batch, H, N/2) complex); continues from ``state``.
+        Bidirectional: no state (None)."""
+        need_state = need_state and not self.bidirectional
+        if self.bidirectional and state is not None:
             raise ConfigError("a bidirectional S4D layer has no recurrent state: set model.bidirectional=false")
         L = u.shape[1]
         u_ch = u.transpose(1, 2).to(torch.promote_types(u.dtype, torch.float32))  # (batch, H, L), fp32 at least
@@ -184,15 +155,16 @@ class DiagonalSSM(nn.Module):
         if state is not None:  # the initial state's contribution 2 Re(C dA^(t+1) x0)
             y = y + vandermonde(C[0] * torch.exp(log_dA) * state, log_dA, L, self.kernel_chunk)
         y = y.transpose(1, 2)
-        if not return_state:
-            return y
+        if not need_state:
+            return y, None
         new_state = final_state(u_ch, log_dA, dB, self.kernel_chunk)
         if state is not None:
             new_state = new_state + torch.exp(log_dA * L) * state
         return y, new_state
 
-    def allocate_state(self, batch_size: int, device=None) -> torch.Tensor:
-        dtype = torch.promote_types(self.log_dt.dtype, torch.complex64)  # complex64, or complex128 in fp64
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        """complex64 (complex128 for an fp64 layer) whatever ``dtype``."""
+        dtype = torch.promote_types(self.log_dt.dtype, torch.complex64)
         return torch.zeros(batch_size, self.d_model, self.d_state // 2, dtype=dtype, device=device)
 
     def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,50 +178,62 @@ class DiagonalSSM(nn.Module):
         return y, state
 
 
-class S4DLayer(DiagonalSSM):
+class GLUMixer(Mixer):
+    """An S4-style layer: a state-space core on (batch, L, H), then GELU -> dropout -> Linear(H, 2H) -> GLU.
+    The mixer of S4, S4D and S5 (their cores differ); its state is the core's."""
+
+    def __init__(self, ssm: Mixer, d_model: int, dropout: float = 0.0):
+        super().__init__()
+        self.ssm = ssm
+        self.output = OutputGLU(d_model, dropout)
+        self.causal = ssm.causal
+
+    def forward(self, u: torch.Tensor, state=None, need_state: bool = True):
+        y, state = self.ssm(u, state, need_state)
+        return self.output(y, u.dtype), state
+
+    def step(self, u: torch.Tensor, state):
+        y, state = self.ssm.step(u, state)
+        return self.output(y, u.dtype), state
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None):
+        return self.ssm.allocate_state(batch_size, device, dtype)
+
+
+# Checkpoints written before the mixer contract kept an S4-style layer's core and output side by side.
+GLU_LAYER_LEGACY_NAMES = (r"blocks\.\d+\.ssm\.", (
+    (r"blocks\.(\d+)\.ssm\.out_proj\.", r"blocks.\1.mixer.output.out_proj."),
+    (r"blocks\.(\d+)\.ssm\.", r"blocks.\1.mixer.ssm."),
+))
+
+
+class S4DLayer(SequenceLayer):
     """One S4D layer on (batch, L, H): the diagonal SSM (convolution + D skip) -> GELU -> dropout ->
-    Linear(H, 2H) -> GLU."""
+    Linear(H, 2H) -> GLU. ``layer(x)`` is a tensor; ``init_method`` is ``init`` under the seed project's name."""
 
-    def __init__(self, d_model: int, d_state: int = 64, init: str = "lin", discretization: str = "zoh",
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.0, bidirectional: bool = False,
-                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024):
-        super().__init__(d_model, d_state, init, discretization, dt_min, dt_max, bidirectional, ssm_lr, kernel_chunk)
-        self.dropout = nn.Dropout(dropout)
-        self.out_proj = nn.Linear(d_model, 2 * d_model)
-
-    def _output(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return F.glu(self.out_proj(self.dropout(F.gelu(y)).to(dtype)), dim=-1)
-
-    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
-        """u: (batch, L, H). With ``state`` (batch, H, N/2) the sequence continues from it."""
-        out = super().forward(u, state, return_state)
-        if not return_state:
-            return self._output(out, u.dtype)
-        y, state = out
-        return self._output(y, u.dtype), state
-
-    def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token: u (batch, H), state (batch, H, N/2) -> (y (batch, H), new state)."""
-        y, state = super().step(u, state)
-        return self._output(y, u.dtype), state
+    def __init__(self, d_model: int, d_state: int = 64, init_method: str | None = None, bidirectional: bool = False,
+                 dropout: float = 0.0, **ssm_kwargs):
+        if init_method is not None:
+            ssm_kwargs["init"] = init_method
+        super().__init__(GLUMixer(DiagonalSSM(d_model, d_state, bidirectional=bidirectional, **ssm_kwargs),
+                                  d_model, dropout))
 
 
-class S4DLM(BlockStackLM):
-    """Embedding -> n_layers x pre-norm residual S4DLayer -> LayerNorm -> linear head.
+class S4DLM(BackboneLM):
+    """Embedding -> n_layers x pre-norm residual S4D layer -> LayerNorm -> linear head.
+
+    ``bidirectional`` layers need ``causal=False``: a non-causal sequence model (ssmlm.create_model), not an LM.
 
     The recurrent state is a list with one complex (batch, d_model, d_state/2) tensor per layer.
     """
 
+    legacy_names = GLU_LAYER_LEGACY_NAMES
+
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, d_state: int = 64, init: str = "lin",
                  discretization: str = "zoh", dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.1,
-                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024, bidirectional: bool = False):
-        super().__init__()
-        if bidirectional:
-            raise ConfigError("model.bidirectional=true lets every position see later tokens, which a language "
-                              "model must not; set model.bidirectional=false (S4DLayer supports it for non-causal use)")
-        self._build_stack(vocab_size, d_model, (
-            PreNormBlock(d_model, dropout, S4DLayer(
-                d_model, dropout=dropout, d_state=d_state, init=init, discretization=discretization, dt_min=dt_min,
-                dt_max=dt_max, ssm_lr=ssm_lr, kernel_chunk=kernel_chunk))
-            for _ in range(n_layers)
-        ))
+                 ssm_lr: float | None = 1e-3, kernel_chunk: int | None = 1024, bidirectional: bool = False,
+                 causal: bool = True):
+        super().__init__(vocab_size, d_model, n_layers, lambda i: GLUMixer(DiagonalSSM(
+            d_model, d_state=d_state, init=init, discretization=discretization, dt_min=dt_min, dt_max=dt_max,
+            ssm_lr=ssm_lr, kernel_chunk=kernel_chunk, bidirectional=bidirectional), d_model, dropout),
+            dropout=dropout, causal=causal)

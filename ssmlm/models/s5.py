@@ -18,12 +18,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.base import BlockStackLM, PreNormBlock, mark_ssm_dynamics
+from ssmlm.models.base import mark_ssm_dynamics
+from ssmlm.models.blocks import BackboneLM, Mixer, SequenceLayer
+from ssmlm.models.cores import check_dt_range, log_uniform_dt
 from ssmlm.models.hippo import dplr
+from ssmlm.models.s4d import GLU_LAYER_LEGACY_NAMES, GLUMixer
 from ssmlm.ops.fftconv import next_fast_len
 
 
@@ -48,17 +50,16 @@ def causal_mode_conv(bu: torch.Tensor, log_dA: torch.Tensor) -> torch.Tensor:
     return x[:, :L]
 
 
-class S5Layer(nn.Module):
-    """One S5 layer on (batch, L, H): MIMO SSM + D skip -> GELU -> dropout -> Linear(H, 2H) -> GLU."""
+class S5SSM(Mixer):
+    """S5's MIMO SSM alone on (batch, L, H): y = 2 Re(C x) + D u, fp32 (at least) out."""
 
     def __init__(self, d_model: int, d_state: int = 64, blocks: int = 1, dt_min: float = 1e-3,
-                 dt_max: float = 1e-1, dropout: float = 0.0, ssm_lr: float | None = 1e-3):
+                 dt_max: float = 1e-1, ssm_lr: float | None = 1e-3):
         super().__init__()
         if d_state < 2 or d_state % (2 * blocks):
             raise ConfigError(f"model.d_state={d_state} must be a positive multiple of 2 * model.blocks "
                               f"= {2 * blocks} (each block holds conjugate pairs)")
-        if not 0 < dt_min <= dt_max:
-            raise ConfigError(f"model.dt_min={dt_min}, model.dt_max={dt_max}: need 0 < dt_min <= dt_max")
+        check_dt_range(dt_min, dt_max)
         self.d_model, self.d_state = d_model, d_state
         H, modes = d_model, d_state // 2
 
@@ -66,8 +67,7 @@ class S5Layer(nn.Module):
         # Re Lambda stored as log(-Re) so the system stays stable whatever the optimizer does.
         self.log_Lambda_real = nn.Parameter(torch.log(-Lambda.real).float())
         self.Lambda_imag = nn.Parameter(Lambda.imag.float())
-        log_dt = torch.rand(modes) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        self.log_dt = nn.Parameter(log_dt)
+        self.log_dt = nn.Parameter(log_uniform_dt(modes, dt_min, dt_max))
         mark_ssm_dynamics(self.log_Lambda_real, self.Lambda_imag, self.log_dt, lr=ssm_lr)
 
         # B and C drawn in the state basis, then moved to the eigenbasis: B~ = V^* B, C~ = C V.
@@ -76,8 +76,6 @@ class S5Layer(nn.Module):
         self.B = nn.Parameter(torch.view_as_real((V.conj().T @ B.to(torch.complex128)).to(torch.cfloat)))
         self.C = nn.Parameter(torch.view_as_real((C @ V).to(torch.cfloat)))
         self.D = nn.Parameter(torch.randn(H))
-        self.dropout = nn.Dropout(dropout)
-        self.out_proj = nn.Linear(H, 2 * H)
 
     def discretise(self) -> tuple[torch.Tensor, torch.Tensor]:
         """log dA (P/2,) and dB (P/2, H), complex, by zero-order hold."""
@@ -85,24 +83,22 @@ class S5Layer(nn.Module):
         dtLambda = Lambda * torch.exp(self.log_dt)
         return dtLambda, ((torch.exp(dtLambda) - 1) / Lambda)[:, None] * torch.view_as_complex(self.B)
 
-    def _output(self, u_hi: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        y = 2 * (x @ torch.view_as_complex(self.C).T).real + self.D * u_hi
-        y = self.dropout(F.gelu(y))
-        return F.glu(self.out_proj(y.to(dtype)), dim=-1)
+    def _readout(self, u_hi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return 2 * (x @ torch.view_as_complex(self.C).T).real + self.D * u_hi
 
-    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
-        """u: (batch, L, H). With ``state`` (batch, P/2) the sequence continues from it."""
+    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, need_state: bool = True):
+        """u: (batch, L, H) -> (y, state (batch, P/2)); continues from ``state``."""
         u_hi = u.to(torch.promote_types(u.dtype, torch.float32))
         log_dA, dB = self.discretise()
         x = causal_mode_conv(u_hi.to(dB.dtype) @ dB.T, log_dA)  # (batch, L, P/2)
         if state is not None:  # the initial state's contribution dA^(t+1) x0
             steps = torch.arange(1, u.shape[1] + 1, device=u.device, dtype=u_hi.dtype)[:, None]
             x = x + torch.exp(log_dA * steps) * state[:, None, :]
-        y = self._output(u_hi, x, u.dtype)
-        return (y, x[:, -1]) if return_state else y
+        return self._readout(u_hi, x), x[:, -1]
 
-    def allocate_state(self, batch_size: int, device=None) -> torch.Tensor:
-        dtype = torch.promote_types(self.log_dt.dtype, torch.complex64)  # complex64, or complex128 in fp64
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        """complex64 (complex128 for an fp64 layer) whatever ``dtype``."""
+        dtype = torch.promote_types(self.log_dt.dtype, torch.complex64)
         return torch.zeros(batch_size, self.d_state // 2, dtype=dtype, device=device)
 
     def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,20 +106,30 @@ class S5Layer(nn.Module):
         u_hi = u.to(torch.promote_types(u.dtype, torch.float32))
         log_dA, dB = self.discretise()
         state = torch.exp(log_dA) * state + u_hi.to(dB.dtype) @ dB.T
-        return self._output(u_hi, state, u.dtype), state
+        return self._readout(u_hi, state), state
 
 
-class S5LM(BlockStackLM):
-    """Embedding -> n_layers x pre-norm residual S5Layer -> LayerNorm -> linear head.
+class S5Layer(SequenceLayer):
+    """One S5 layer on (batch, L, H): MIMO SSM + D skip -> GELU -> dropout -> Linear(H, 2H) -> GLU.
+    ``layer(x)`` is a tensor."""
+
+    def __init__(self, d_model: int, d_state: int = 64, bidirectional: bool = False, dropout: float = 0.0,
+                 **ssm_kwargs):
+        if bidirectional:
+            raise ConfigError("S5Layer(bidirectional=True) is not implemented; use S4Layer or S4DLayer")
+        super().__init__(GLUMixer(S5SSM(d_model, d_state, **ssm_kwargs), d_model, dropout))
+
+
+class S5LM(BackboneLM):
+    """Embedding -> n_layers x pre-norm residual S5 layer -> LayerNorm -> linear head.
 
     The recurrent state is a list with one complex (batch, d_state/2) tensor per layer.
     """
 
+    legacy_names = GLU_LAYER_LEGACY_NAMES
+
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, d_state: int = 64, blocks: int = 1,
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dropout: float = 0.1, ssm_lr: float | None = 1e-3):
-        super().__init__()
-        self._build_stack(vocab_size, d_model, (
-            PreNormBlock(d_model, dropout, S5Layer(d_model, dropout=dropout, d_state=d_state, blocks=blocks,
-                                                   dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr))
-            for _ in range(n_layers)
-        ))
+        super().__init__(vocab_size, d_model, n_layers, lambda i: GLUMixer(S5SSM(
+            d_model, d_state=d_state, blocks=blocks, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr), d_model, dropout),
+            dropout=dropout)
