@@ -236,11 +236,13 @@ def _train(cfg: DictConfig, run: RunDir, status: CellStatus, progress: dict) -> 
     recorded = run.fingerprint() if cfg.resume else None
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
+    # the files actually read: data.*_path, or the built-in / downloaded copy found in its place
+    files = {f"{split}_path": path for split, path in getattr(datamodule, "files", {}).items()}
     fingerprint = {"config": config_fingerprint(cfg),
-                   "train_data": data_file_fingerprint(cfg.data.get("train_path"), "data.train_path",
-                                                       (recorded or {}).get("train_data"))}
-    for key in ("val_path", "test_path"):
-        data_file_fingerprint(cfg.data.get(key), f"data.{key}", {"bytes": None})  # a directory is refused
+                   "train_data": data_file_fingerprint(files.get("train_path", cfg.data.get("train_path")),
+                                                       "data.train_path", (recorded or {}).get("train_data"))}
+    for key in ("val_path", "test_path"):  # a directory is refused
+        data_file_fingerprint(files.get(key, cfg.data.get(key)), f"data.{key}", {"bytes": None})
     check_fingerprint(cfg, run, recorded, fingerprint)
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer.to_dict()
