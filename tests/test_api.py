@@ -85,7 +85,7 @@ def test_bidirectional_models_see_the_whole_sequence_and_are_not_language_models
     cfg = {"_target_": target, "d_model": 8, "n_layers": 1, "d_state": 4, "causal": False}
     cfg.update({"ssm_kwargs": {"bidirectional": True}} if architecture == "h3" else {"bidirectional": True})
     with pytest.raises(ConfigError, match="must be causal"):
-        LMModule(cfg, vocab_size=11, optim={})
+        LMModule(cfg, vocab_size=11, optim={"lr": 1e-3, "weight_decay": 0.0})
 
 
 @pytest.mark.parametrize("name", ["S4Layer", "S4DLayer", "S5Layer", "MambaLayer", "H3Layer"])
