@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import lzma
-import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
