@@ -215,7 +215,9 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer)
 
     def save(self, trainer) -> None:
-        if trainer.is_global_zero:
+        # a second save at the same step (after a validation) replaces last.ckpt: last.prev.ckpt stays an
+        # earlier step, a fallback that differs from last.ckpt
+        if trainer.is_global_zero and trainer.global_step != self._saved_step:
             run_dir.rotate_last(self.dirpath)
         trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step, self._last_save_time = trainer.global_step, time.monotonic()

@@ -88,8 +88,10 @@ def check_fingerprint(cfg: DictConfig, run: RunDir, recorded: dict | None, curre
         log.warning("force_resume=true: resuming %s although its fingerprint differs: %s", run.path, "; ".join(diffs))
         return
     kinds = []
-    if any(d.startswith(("config.model", "config.sparsity")) for d in diffs):
+    if any(d.startswith("config.model") for d in diffs):
         kinds.append("a different model config")
+    if any(d.startswith("config.sparsity") for d in diffs):
+        kinds.append("a different sparsity config")
     if any(d.startswith(("config.data", "config.batch_size")) for d in diffs):
         kinds.append("a different data config")
     if any(d.startswith(("train_data", "vocabulary")) for d in diffs):

@@ -23,7 +23,7 @@ from ssmlm.evaluate import evaluate
 from ssmlm.generate import Decoder, encode_prompt, generate, stream_sample
 from ssmlm.lm import LMModule
 from ssmlm.models.base import LanguageModel
-from ssmlm.run_dir import RunDir, build_model, model_state, read_checkpoint
+from ssmlm.run_dir import RunDir, build_model, model_state, read_checkpoint, save_checkpoint
 from ssmlm.sampling import Sampling
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,7 +326,7 @@ def test_missing_or_foreign_vocabulary_is_a_clear_error(tiny_run, tmp_path):
     best = RunDir(copy).checkpoint("best")  # ... unless it does not either
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
     ckpt["hyper_parameters"]["tokenizer"] = None
-    torch.save(ckpt, best)
+    save_checkpoint(ckpt, best)  # with its digest, as ssmlm-train writes checkpoints
     with pytest.raises(DataError, match="vocab.json is missing and the checkpoint stores none"):
         generate(gen_cfg(copy))
 
@@ -345,5 +345,6 @@ def test_broken_checkpoints_and_bad_requests_are_clear_errors(tiny_run, tmp_path
         generate(gen_cfg(tiny_run, cuda_graph=True))
     shutil.rmtree(copy / "checkpoints")
     shutil.rmtree(copy / ".hydra")
+    (copy / "config.yaml").unlink()  # the config the run was accepted with
     with pytest.raises(ConfigError, match="is not a training run"):
         RunDir(copy)

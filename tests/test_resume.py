@@ -88,11 +88,9 @@ def test_run_killed_mid_epoch_resumes_exactly_where_its_checkpoint_left_off(tmp_
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, shared_data, compose_config):
-    """A finished in-process run: last.ckpt at step 30, last.prev.ckpt at step 20 (no validation, which would
-    save last.ckpt once more at the end)."""
+    """A finished in-process run: last.ckpt at step 30, last.prev.ckpt at step 20."""
     tmp = tmp_path_factory.mktemp("finished")
-    no_validation = [a for a in TRAIN if not a.startswith("trainer.limit_val_batches")] + ["trainer.limit_val_batches=0"]
-    args = [*no_validation, *tiny_data(tmp / "data", shared_data), "logger=csv", "trainer.max_steps=30",
+    args = [*TRAIN, *tiny_data(tmp / "data", shared_data), "logger=csv", "trainer.max_steps=30",
             "callbacks.last_checkpoint.every_n_train_steps=10", "test_after_fit=false"]
     train(compose_config(args, tmp / "run"))
     return args, tmp / "run"
