@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ssmlm import run_dir, slurm
 from ssmlm.errors import ConfigError, TrainingDiverged, number
-from ssmlm.generate import Decoder, encode_prompt, room_for
+from ssmlm.generate import Decoder, encode_prompt, never_sampled, room_for
 from ssmlm.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class TextSamples(L.Callback):
         max_new_tokens = room_for(model, len(ids), self.max_new_tokens)
         rows = []
         try:
-            decoder = Decoder(model)
+            decoder = Decoder(model, banned=never_sampled(tokenizer))
             logits, state = decoder.prefill(prompt)
             for temperature in self.temperatures:
                 generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
