@@ -36,8 +36,8 @@ from ssmlm.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumableCSVLogg
 from ssmlm.errors import CheckpointError, DataError, SsmlmError, number
 from ssmlm.lm import LMModule
 from ssmlm.run_dir import (FINGERPRINT_FILE, WANDB_ID_FILE, WANDB_STEP_FILE, WRITE_ERRNOS, CellStatus, Resume, RunDir,
-                           atomic_write, config_fingerprint, data_file_fingerprint, differences, tokenizer_digest,
-                           write_error)
+                           atomic_write, config_fingerprint, data_file_fingerprint, differences, require_file,
+                           tokenizer_digest, write_error)
 from ssmlm.sparsity import SparsityConfig, callbacks_for, sparsity_report
 
 resolvers.register()
@@ -241,7 +241,7 @@ def _train(cfg: DictConfig, run: RunDir, status: CellStatus, progress: dict) -> 
                    "train_data": data_file_fingerprint(cfg.data.get("train_path"), "data.train_path",
                                                        (recorded or {}).get("train_data"))}
     for key in ("val_path", "test_path"):
-        data_file_fingerprint(cfg.data.get(key), f"data.{key}", {"bytes": None})  # a directory is refused
+        require_file(cfg.data.get(key), f"data.{key}")
     check_fingerprint(cfg, run, recorded, fingerprint)
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer.to_dict()
@@ -250,9 +250,10 @@ def _train(cfg: DictConfig, run: RunDir, status: CellStatus, progress: dict) -> 
     check_splits(datamodule)
     resume = resume_checkpoint(cfg, run, tokenizer, fingerprinted=recorded is not None)
     progress["resumed_step"] = resume.step if resume else 0
-    run.reopen()
-    run.save_fingerprint(fingerprint)
-    run.save_config(cfg)
+    if rank_zero_only.rank == 0:  # accepted: the run dir now records this command's run
+        run.reopen()
+        run.save_fingerprint(fingerprint)
+        run.save_config(cfg)
 
     module = LMModule(
         model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
