@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ssmlm import run_dir, slurm
 from ssmlm.errors import ConfigError, TrainingDiverged, number
-from ssmlm.generate import Decoder, encode_prompt, room_for
+from ssmlm.generate import Decoder, encode_prompt, never_sampled, room_for
 from ssmlm.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,9 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer)
 
     def save(self, trainer) -> None:
-        if trainer.is_global_zero:
+        # a second save at the same step (after a validation) replaces last.ckpt: last.prev.ckpt stays an
+        # earlier step, a fallback that differs from last.ckpt
+        if trainer.is_global_zero and trainer.global_step != self._saved_step:
             run_dir.rotate_last(self.dirpath)
         trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step, self._last_save_time = trainer.global_step, time.monotonic()
@@ -303,7 +305,7 @@ class TextSamples(L.Callback):
         max_new_tokens = room_for(model, len(ids), self.max_new_tokens)
         rows = []
         try:
-            decoder = Decoder(model)
+            decoder = Decoder(model, banned=never_sampled(tokenizer))
             logits, state = decoder.prefill(prompt)
             for temperature in self.temperatures:
                 generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)

@@ -15,9 +15,7 @@ Keys and defaults: conf/eval.yaml.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +26,8 @@ from omegaconf import OmegaConf
 
 from ssmlm.errors import ConfigError, SsmlmError
 from ssmlm.lm import IGNORE_INDEX
-from ssmlm.run_dir import RunDir, average_checkpoints, build_model, pick_device, read_checkpoint, tool_config
+from ssmlm.run_dir import (VOCAB_FILE, RunDir, average_checkpoints, build_model, pick_device, read_checkpoint,
+                           tool_config, write_json)
 
 SPLIT_STAGES = {"val": "validate", "test": "test"}
 
@@ -71,13 +70,9 @@ def build_datamodule(run: RunDir, cfg, tokenizer):
     """The run's data module (its config, this machine's paths), with the run's own vocabulary and any
     ``data.*`` overrides from the command line."""
     run_cfg = run.config()
-    vocab_path = run.path / "vocab.json"
+    vocab_path = run.path / VOCAB_FILE
     if not vocab_path.exists():  # the checkpoint's vocabulary, so the data module does not build a new one
-        vocab_path = run.path / "eval" / "vocab.json"
-        vocab_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = vocab_path.with_name(f"vocab.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, vocab_path)
+        vocab_path = write_json(run.path / "eval" / VOCAB_FILE, tokenizer.to_dict())
     OmegaConf.update(run_cfg, "data.vocab_path", str(vocab_path), force_add=True)
     OmegaConf.update(run_cfg, "data.progress", False, force_add=True)
     for key, value in (cfg.get("data") or {}).items():
@@ -156,15 +151,15 @@ def evaluate(cfg) -> dict:
     if unk_id is not None:
         data = datamodule.splits[cfg.split].data
         result["unk_tokens"] = int((data == unk_id).sum())
+        if result["unk_tokens"] == len(data):
+            result["warning"] = (f"every token of {result['data_file']} is <unk>: its text shares no character with "
+                                 f"the run's training data, so these scores say nothing about the model")
+            print(f"ssmlm-eval: warning: {result['warning']}", file=sys.stderr)
     if member_metrics:
         result["members"] = [{"checkpoint": p.name, "val_score": v, **m}
                              for p, v, m in zip(member_paths, val_scores, member_metrics)]
 
-    out = run.path / "eval" / f"{result_name(cfg, label)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    out = write_json(run.path / "eval" / f"{result_name(cfg, label)}.json", result)
     result["output"] = str(out)
     if cfg.plots:
         from ssmlm.plots import plot_run_curves

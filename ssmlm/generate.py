@@ -91,12 +91,22 @@ class GraphedStep:
         return self.logits
 
 
-class Decoder:
-    """Prefill in parallel, then sample token by token with the recurrent step (eager or CUDA graph)."""
+def never_sampled(tokenizer) -> list[int]:
+    """Ids that stand for no text: ``<pad>`` and ``<unk>`` of a character vocabulary (they would print as U+FFFD).
+    A byte vocabulary has none (its id 0 is also the NUL byte; its boundary id ends a document)."""
+    if getattr(tokenizer, "unit", None) != "char":
+        return []
+    return [i for i in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "unk_id", None)) if i is not None]
 
-    def __init__(self, model: LanguageModel, cuda_graph: bool = False):
+
+class Decoder:
+    """Prefill in parallel, then sample token by token with the recurrent step (eager or CUDA graph); the
+    ``banned`` ids (:func:`never_sampled`) get zero probability, also when decoding greedily."""
+
+    def __init__(self, model: LanguageModel, cuda_graph: bool = False, banned: list[int] | tuple[int, ...] = ()):
         self.model = model.eval()
         self.cuda_graph = cuda_graph
+        self.banned = list(banned)
         self._graph: GraphedStep | None = None
 
     @torch.inference_mode()
@@ -119,6 +129,8 @@ class Decoder:
         else:
             state = copy.deepcopy(state)  # the Transformer's KV cache is written in place
         for i in range(max_new_tokens):
+            if self.banned:
+                logits = logits.index_fill(-1, torch.tensor(self.banned, device=logits.device), float("-inf"))
             token = sampling(logits, generator)
             yield token
             if i + 1 < max_new_tokens:
@@ -186,7 +198,7 @@ def generate(cfg) -> list[str]:
                           f"model's max_seq_len={model.max_positions} (its learned positions); lower max_new_tokens "
                           f"or shorten the prompt")
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    decoder = Decoder(model, cuda_graph=bool(cfg.cuda_graph))
+    decoder = Decoder(model, cuda_graph=bool(cfg.cuda_graph), banned=never_sampled(tokenizer))
     out = sys.stdout
 
     def write(text: str) -> None:

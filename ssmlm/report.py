@@ -26,6 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from ssmlm.plots import read_metrics
+from ssmlm.run_dir import RunDir
 from ssmlm.sweep import cell_dirs, read_status
 
 COLUMNS = ["cell", "experiment", "model", "data", "seq_len", "batch", "emb", "hidden", "layers", "params", "epochs",
@@ -46,17 +47,15 @@ def _load_yaml(path: Path) -> dict:
 
 def cell_row(run_dir: Path) -> dict[str, Any]:
     """The report row of one run dir (missing values are None)."""
-    cfg = OmegaConf.create(_load_yaml(run_dir / ".hydra" / "config.yaml"))
+    run = RunDir(run_dir, check=False)
+    cfg = OmegaConf.create(_load_yaml(run.config_path()))
     choices = (_load_yaml(run_dir / ".hydra" / "hydra.yaml").get("hydra") or {}).get("runtime", {}).get("choices", {})
-    try:
-        results = json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError):
-        results = {}
+    results = run.results() or {}
     status = read_status(run_dir) or {}
     metrics = read_metrics(run_dir) if not results else {}
     val_ppl = [v for _, v in metrics.get("val/ppl", []) if math.isfinite(v)]
     steps = max((s for series in metrics.values() for s, _ in series), default=None)
-    if (run_dir / "DONE").exists():
+    if run.is_done():
         state = "done"
     elif status.get("state") in ("failed", "stopped"):
         state = status["state"]

@@ -368,16 +368,25 @@ _DATA_KEYS_OF_THE_MACHINE = {"train_path", "val_path", "test_path", "vocab_path"
 def data_file_fingerprint(path: str | Path | None, key: str, recorded: dict | None = None) -> dict | None:
     """Size and sha256 of a data file; the digest is reused from ``recorded`` when size and mtime are unchanged
     (hashing gigabytes on every restart would cost minutes). A path that is not a file is a DataError."""
-    if path in (None, ""):
+    path = require_file(path, key)
+    if path is None:
         return None
-    path = Path(str(path)).expanduser()
-    if path.is_dir():
-        raise DataError(f"{key}={path} is a directory; point {key} at a text file")
     stat = path.stat()
     recorded = recorded or {}
     if recorded.get("bytes") == stat.st_size and recorded.get("mtime_ns") == stat.st_mtime_ns:
         return dict(recorded)
     return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_digest(path)}
+
+
+def require_file(path: str | Path | None, key: str) -> Path | None:
+    """``path`` of config key ``key`` when it names a file (None for none); a directory is a DataError (a missing
+    file is the data module's to report: it may download it)."""
+    if path in (None, ""):
+        return None
+    path = Path(str(path)).expanduser()
+    if path.is_dir():
+        raise DataError(f"{key}={path} is a directory; point {key} at a text file")
+    return path
 
 
 def tokenizer_digest(tokenizer: dict) -> str:
@@ -414,13 +423,16 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 class RunDir:
     """A run's directory: its config, vocabulary, checkpoints, status, results and lock, with clear errors when
     something is missing. ``RunDir(path)`` reads an existing run (ssmlm-eval, ssmlm-generate);
-    ``RunDir(path, create=True)`` is the one ssmlm-train writes."""
+    ``RunDir(path, create=True)`` is the one ssmlm-train writes; ``check=False`` reads whatever a run left (a
+    report row of a run that failed at its start)."""
 
-    def __init__(self, path: str | Path, create: bool = False):
+    def __init__(self, path: str | Path, create: bool = False, check: bool = True):
         self.path = Path(path).expanduser()
         self.checkpoint_dir = self.path / "checkpoints"
         if create:
             check_writable(self.path)
+            return
+        if not check:
             return
         if not self.path.is_dir():
             raise ConfigError(f"run_dir={path}: no such directory. Pass the directory ssmlm-train wrote "

@@ -37,8 +37,8 @@ from ssmlm.conf_dir import config_dir
 from ssmlm.errors import CheckpointError, DataError, SsmlmError, number
 from ssmlm.lm import LMModule
 from ssmlm.run_dir import (FINGERPRINT_FILE, WANDB_ID_FILE, WANDB_STEP_FILE, WRITE_ERRNOS, CellStatus, Resume, RunDir,
-                           atomic_write, config_fingerprint, data_file_fingerprint, differences, tokenizer_digest,
-                           write_error)
+                           atomic_write, config_fingerprint, data_file_fingerprint, differences, require_file,
+                           tokenizer_digest, write_error)
 from ssmlm.sparsity import SparsityConfig, callbacks_for, sparsity_report
 
 resolvers.register()
@@ -89,8 +89,10 @@ def check_fingerprint(cfg: DictConfig, run: RunDir, recorded: dict | None, curre
         log.warning("force_resume=true: resuming %s although its fingerprint differs: %s", run.path, "; ".join(diffs))
         return
     kinds = []
-    if any(d.startswith(("config.model", "config.sparsity")) for d in diffs):
+    if any(d.startswith("config.model") for d in diffs):
         kinds.append("a different model config")
+    if any(d.startswith("config.sparsity") for d in diffs):
+        kinds.append("a different sparsity config")
     if any(d.startswith(("config.data", "config.batch_size")) for d in diffs):
         kinds.append("a different data config")
     if any(d.startswith(("train_data", "vocabulary")) for d in diffs):
@@ -241,8 +243,8 @@ def _train(cfg: DictConfig, run: RunDir, status: CellStatus, progress: dict) -> 
     fingerprint = {"config": config_fingerprint(cfg),
                    "train_data": data_file_fingerprint(files.get("train_path", cfg.data.get("train_path")),
                                                        "data.train_path", (recorded or {}).get("train_data"))}
-    for key in ("val_path", "test_path"):  # a directory is refused
-        data_file_fingerprint(files.get(key, cfg.data.get(key)), f"data.{key}", {"bytes": None})
+    for key in ("val_path", "test_path"):
+        require_file(files.get(key, cfg.data.get(key)), f"data.{key}")
     check_fingerprint(cfg, run, recorded, fingerprint)
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer.to_dict()
@@ -251,9 +253,10 @@ def _train(cfg: DictConfig, run: RunDir, status: CellStatus, progress: dict) -> 
     check_splits(datamodule)
     resume = resume_checkpoint(cfg, run, tokenizer, fingerprinted=recorded is not None)
     progress["resumed_step"] = resume.step if resume else 0
-    run.reopen()
-    run.save_fingerprint(fingerprint)
-    run.save_config(cfg)
+    if rank_zero_only.rank == 0:  # accepted: the run dir now records this command's run
+        run.reopen()
+        run.save_fingerprint(fingerprint)
+        run.save_config(cfg)
 
     module = LMModule(
         model_cfg=OmegaConf.to_container(cfg.model, resolve=True),

@@ -20,10 +20,10 @@ from omegaconf import OmegaConf
 from ssmlm.data.tokenizers import ByteTokenizer, CharTokenizer, nfc
 from ssmlm.errors import CheckpointError, ConfigError, DataError
 from ssmlm.evaluate import evaluate
-from ssmlm.generate import Decoder, encode_prompt, generate, stream_sample
+from ssmlm.generate import Decoder, encode_prompt, generate, never_sampled, stream_sample
 from ssmlm.lm import LMModule
 from ssmlm.models.base import LanguageModel
-from ssmlm.run_dir import RunDir, build_model, model_state, read_checkpoint
+from ssmlm.run_dir import RunDir, build_model, model_state, read_checkpoint, save_checkpoint
 from ssmlm.sampling import Sampling
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,7 +326,7 @@ def test_missing_or_foreign_vocabulary_is_a_clear_error(tiny_run, tmp_path):
     best = RunDir(copy).checkpoint("best")  # ... unless it does not either
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
     ckpt["hyper_parameters"]["tokenizer"] = None
-    torch.save(ckpt, best)
+    save_checkpoint(ckpt, best)  # with its digest, as ssmlm-train writes checkpoints
     with pytest.raises(DataError, match="vocab.json is missing and the checkpoint stores none"):
         generate(gen_cfg(copy))
 
@@ -345,5 +345,62 @@ def test_broken_checkpoints_and_bad_requests_are_clear_errors(tiny_run, tmp_path
         generate(gen_cfg(tiny_run, cuda_graph=True))
     shutil.rmtree(copy / "checkpoints")
     shutil.rmtree(copy / ".hydra")
+    (copy / "config.yaml").unlink()  # the config the run was accepted with
     with pytest.raises(ConfigError, match="is not a training run"):
         RunDir(copy)
+
+
+# ----------------------------------------------------------------------------------- small guarantees
+class PrefersSpecials(torch.nn.Module):
+    """A model whose every prediction puts almost all its mass on the given ids."""
+
+    def __init__(self, model, ids: list[int]):
+        super().__init__()
+        self.model, self.ids = model, ids
+
+    def _boost(self, logits):
+        return logits.index_add(-1, torch.tensor(self.ids), torch.full((*logits.shape[:-1], len(self.ids)), 100.0))
+
+    def forward(self, tokens, return_state=False):
+        logits, state = self.model(tokens, return_state=True)
+        return self._boost(logits), state
+
+    def step(self, token, state):
+        logits, state = self.model.step(token, state)
+        return self._boost(logits), state
+
+
+def test_special_tokens_are_never_sampled(tiny_run):
+    """<pad> and <unk> stand for no text: even a model that puts all its mass on them never emits them."""
+    ckpt = read_checkpoint(RunDir(tiny_run).checkpoint("best"))
+    tokenizer = RunDir(tiny_run).tokenizer(ckpt)
+    banned = never_sampled(tokenizer)
+    assert banned == [tokenizer.pad_id, tokenizer.unk_id]
+    model = PrefersSpecials(build_model(ckpt), banned)
+    logits, state = Decoder(model).prefill(torch.tensor([tokenizer.encode("राजा")]))
+    assert int(logits.argmax(-1)) in banned  # what an unguarded decoder would emit
+    decoder = Decoder(model, banned=banned)
+    for temperature in (0.0, 1.0, 5.0):
+        generator = torch.Generator().manual_seed(0)
+        tokens = [int(t) for t in decoder.tokens(logits, state, 50, Sampling(temperature=temperature), generator)]
+        assert not set(tokens) & set(banned), temperature
+
+
+def test_errors_suggest_only_checkpoints_the_run_has(tiny_run, tmp_path):
+    copy = broken_copy(tiny_run, tmp_path)
+    (copy / "checkpoints" / "last.ckpt").unlink()
+    with pytest.raises(CheckpointError) as info:
+        RunDir(copy).checkpoint("missing.ckpt")
+    assert "ckpt=best" in str(info.value) and "ckpt=last" not in str(info.value)
+    for scored in (copy / "checkpoints").glob("epoch*.ckpt"):
+        scored.unlink()
+    with pytest.raises(CheckpointError) as info:
+        RunDir(copy).checkpoint("best")
+    assert "never validated" in str(info.value) and "ckpt=last" not in str(info.value)
+
+
+def test_eval_warns_when_the_text_is_all_unknown_characters(tiny_run, tmp_path, capsys):
+    foreign = tmp_path / "latin.txt"
+    foreign.write_text("αβγδεζηθ" * 500, encoding="utf-8")  # not one of these is in the Hindi vocabulary
+    result = evaluate(eval_cfg(tiny_run, name="all-unk", **{"data": {"test_path": str(foreign)}}))
+    assert "warning" in result and "is <unk>" in capsys.readouterr().err
