@@ -129,7 +129,7 @@ def check_gradients_reach_every_parameter(model, vocab_size: int) -> None:
     logits = model(tokens[:, 5:], state=state)
     torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), tokens[:, 5:].reshape(-1)).backward()
     for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 def check_causal(model, vocab_size: int, length: int = 20, at: int = 12, atol: float = 1e-10) -> None:
