@@ -66,6 +66,17 @@ def compose_config():
     return compose_cfg
 
 
+def move_norms_and_gates_off_init(model):
+    """Norm scales and residual gates start at 1 (0 for biases): moved, a check sees them work."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "residual_gate" in name or "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
 def run_steps(model, tokens, state):
     """Feed ``tokens`` (batch, L) through ``model.step`` one position at a time: (logits (batch, L, V), state)."""
     import torch

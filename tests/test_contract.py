@@ -20,7 +20,8 @@ from ssmlm.models.s4d import S4DLM
 from ssmlm.models.s5 import S5LM
 from ssmlm.models.hippo import INITS, MEASURES
 from ssmlm.models.transformer import KVCache, TransformerLM
-from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form
+from conftest import (check_causal, check_gradients_reach_every_parameter, check_recurrent_form,
+                      move_norms_and_gates_off_init)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_contract_models.pt"
 CLASSES = {cls.__name__: cls for cls in (MambaLM, DiagSSMLM, S4DLM, S4LM, S5LM, H3LM, HybridLM, TransformerLM)}
@@ -84,12 +85,7 @@ FP32_INSIDE = ("mamba", "hybrid-selective", "diag_ssm", "h3-diag")
 def build(name: str):
     """The case's model in eval mode, its norms and residual gates moved off their init so that the checks see them."""
     torch.manual_seed(0)
-    model = CASES[name][0]().eval()
-    with torch.no_grad():
-        for param_name, p in model.named_parameters():
-            if "residual_gate" in param_name or "norm" in param_name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+    return move_norms_and_gates_off_init(CASES[name][0]().eval())
 
 
 @pytest.mark.parametrize("name", CASES)

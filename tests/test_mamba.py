@@ -9,7 +9,7 @@ import torch
 from ssmlm.errors import CheckpointError, ConfigError
 from ssmlm.models.mamba import MambaLM
 from ssmlm.models.pretrained import load_pretrained_mamba
-from conftest import reference_presets, run_steps
+from conftest import move_norms_and_gates_off_init, reference_presets, run_steps
 
 IMPROVED = dict(residual_gate="channel", head_norm=True, dropout=0.1, activation="gelu")
 VARIANTS = {"plain": {}, "improved": IMPROVED, "scalar_gate_layernorm": dict(residual_gate="scalar", norm="layernorm")}
@@ -17,12 +17,8 @@ VARIANTS = {"plain": {}, "improved": IMPROVED, "scalar_gate_layernorm": dict(res
 
 def make_model(variant="plain", vocab_size=37, **kwargs):
     torch.manual_seed(0)
-    model = MambaLM(vocab_size, d_model=24, n_layers=2, d_state=8, **VARIANTS[variant], **kwargs).eval()
-    with torch.no_grad():  # move the gates and norms off their init so the test sees them
-        for name, p in model.named_parameters():
-            if "residual_gate" in name or "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+    return move_norms_and_gates_off_init(MambaLM(vocab_size, d_model=24, n_layers=2, d_state=8, **VARIANTS[variant],
+                                                 **kwargs).eval())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
