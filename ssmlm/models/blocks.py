@@ -69,8 +69,8 @@ class SequenceLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             pass
-        mixer = self._modules["mixer"]
-        for owner in (mixer, mixer._modules.get("ssm")):  # the mixer's, else its SSM core's (layer.kernel(L))
+        mixer = self.__dict__.get("_modules", {}).get("mixer")  # none yet while unpickling
+        for owner in (mixer, None if mixer is None else mixer._modules.get("ssm")):  # the mixer's, else its SSM core's (layer.kernel(L))
             if owner is not None and hasattr(owner, name):
                 return getattr(owner, name)
         raise AttributeError(f"{type(self).__name__} (and its mixer) has no attribute {name!r}")
