@@ -91,6 +91,17 @@ def compose_config():
     return compose_cfg
 
 
+def move_norms_and_gates_off_init(model):
+    """Norm scales and residual gates start at 1 (0 for biases): moved, a check sees them work."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "residual_gate" in name or "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
 def run_steps(model, tokens, state):
     """Feed ``tokens`` (batch, L) through ``model.step`` one position at a time: (logits (batch, L, V), state)."""
     import torch
@@ -154,7 +165,7 @@ def check_gradients_reach_every_parameter(model, vocab_size: int) -> None:
     logits = model(tokens[:, 5:], state=state)
     torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), tokens[:, 5:].reshape(-1)).backward()
     for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 def check_causal(model, vocab_size: int, length: int = 20, at: int = 12, atol: float = 1e-10) -> None:

@@ -142,3 +142,18 @@ def test_transformer_model_learns_to_reverse_padded_sequences():
     finally:
         torch.set_num_threads(threads)
     assert accuracy > 0.95, accuracy
+
+
+def test_layers_take_the_seed_keyword_names():
+    x = torch.randn(1, 5, 8)
+    for layer in (ssmlm.S4Layer(8, 4, init_method="legt", bidirectional=True, dropout=0.1),
+                  ssmlm.S4DLayer(8, 4, init_method="inv", bidirectional=True, dropout=0.1),
+                  ssmlm.S5Layer(8, 4, init_method="legs", dropout=0.1),
+                  ssmlm.H3Layer(8, 4, init_method="real", bidirectional=True, dropout=0.1),
+                  ssmlm.MambaLayer(8, 4, expand_factor=3, init_method="lin", dropout=0.1)):
+        assert layer.eval()(x).shape == x.shape
+    assert ssmlm.MambaLayer(8, 4, expand_factor=3).d_inner == 24
+    assert not ssmlm.H3Layer(8, 4, bidirectional=True).causal and ssmlm.H3Layer(8, 4).causal
+    for refused in (lambda: ssmlm.MambaLayer(8, 4, bidirectional=True), lambda: ssmlm.S5Layer(8, 4, init_method="lin")):
+        with pytest.raises(ConfigError):
+            refused()

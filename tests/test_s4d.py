@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 
@@ -12,9 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ssmlm.errors import ConfigError
-from ssmlm.models.s4d import DISCRETIZATIONS, INITS, S4DLayer, S4DLM, init_A, legs_diagonal
+from ssmlm.models.s4d import S4DLayer, S4DLM, init_A, legs_diagonal
 from ssmlm.ops.fftconv import causal_fft_conv, next_fast_len
-from conftest import check_causal, check_gradients_reach_every_parameter, check_recurrent_form, reference_presets
+from conftest import reference_presets
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = reference_presets()
@@ -55,13 +54,6 @@ def test_causal_fft_conv_matches_direct_loop(L, Lk):
     torch.testing.assert_close(y.double(), direct_causal_conv(u, k.double(), D.double()), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("init,discretization", list(itertools.product(INITS, DISCRETIZATIONS)))
-def test_step_equals_forward_every_init_and_discretisation(init, discretization):
-    model = small_lm(init=init, discretization=discretization).float()
-    # prefix 6: forward from a state adds the initial-state term C dA^(t+1) x0
-    check_recurrent_form(model, torch.randint(0, 17, (2, 23)), prompt=11, prefix=6)
-
-
 def test_chunked_kernel_and_state_equal_unchunked():
     chunked = small_lm(kernel_chunk=4).float()
     whole = small_lm(kernel_chunk=None).float()
@@ -77,10 +69,6 @@ def test_chunked_kernel_and_state_equal_unchunked():
     torch.testing.assert_close(out_c, out_w, atol=1e-5, rtol=1e-5)
     for a, b in zip(state_c + prefix_c, state_w + prefix_w):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_causal_future_token_does_not_change_past_logits():
-    check_causal(small_lm(), 17)
 
 
 def test_legs_init_is_the_normal_part_of_hippo_legs():
@@ -139,10 +127,6 @@ def test_bidirectional_lm_refused_and_layer_is_noncausal():
         torch.testing.assert_close(bi(u), causal(shifted).flip(1))
         with pytest.raises(ConfigError, match="bidirectional"):
             bi.step(u[:, 0], causal.allocate_state(2))
-
-
-def test_gradients_reach_every_parameter():
-    check_gradients_reach_every_parameter(small_lm().float(), 17)
 
 
 def test_optimizer_hints_on_A_and_dt():

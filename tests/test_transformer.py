@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.transformer import TransformerLM, rope_rotate
-from conftest import check_causal, check_recurrent_form, reference_presets
+from conftest import reference_presets
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = reference_presets()
@@ -24,10 +24,9 @@ def small_lm(**kwargs):
 
 
 @pytest.mark.parametrize("pos_emb", ["rope", "learned"])
-def test_step_equals_forward(pos_emb):
+def test_a_prompt_fills_one_kv_cache_per_layer(pos_emb):
+    """(step == forward: tests/test_contract.py)"""
     model = small_lm(pos_emb=pos_emb)
-    # prefix 5: several tokens in parallel after a cached prefix (the offset causal mask)
-    check_recurrent_form(model, torch.randint(0, 17, (2, 21)), prompt=9, prefix=5)
     with torch.no_grad():
         _, cache = model(torch.randint(0, 17, (2, 9)), return_state=True)
     assert all(layer.length == 9 and layer.capacity == 32 for layer in cache)  # one KV cache per layer
@@ -49,11 +48,6 @@ def test_positions_beyond_max_seq_len():
     with pytest.raises(ConfigError, match="learned positions"):
         small_lm(pos_emb="learned")(tokens)
     assert small_lm(pos_emb="rope")(tokens).shape == (1, 40, 17)  # rotary needs no table
-
-
-@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
-def test_causal_future_token_does_not_change_past_logits(pos_emb):
-    check_causal(small_lm(pos_emb=pos_emb), 17)
 
 
 def test_rope_scores_depend_on_relative_position_only():

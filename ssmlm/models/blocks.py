@@ -69,8 +69,8 @@ class SequenceLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             pass
-        mixer = self._modules["mixer"]
-        for owner in (mixer, mixer._modules.get("ssm")):  # the mixer's, else its SSM core's (layer.kernel(L))
+        mixer = self.__dict__.get("_modules", {}).get("mixer")  # none yet while unpickling
+        for owner in (mixer, None if mixer is None else mixer._modules.get("ssm")):  # the mixer's, else its SSM core's (layer.kernel(L))
             if owner is not None and hasattr(owner, name):
                 return getattr(owner, name)
         raise AttributeError(f"{type(self).__name__} (and its mixer) has no attribute {name!r}")
@@ -204,7 +204,7 @@ class BackboneLM(LanguageModel):
             self.head.weight = self.embedding.weight
         if self.external_names:
             self._register_state_dict_hook(BackboneLM._export_names)
-        self._register_load_state_dict_pre_hook(self._import_names)
+        self._register_load_state_dict_pre_hook(BackboneLM._import_names, with_module=True)
 
     # --- state dict names ---------------------------------------------------------------------------------
     @staticmethod
@@ -215,7 +215,8 @@ class BackboneLM(LanguageModel):
         for key, value in items:
             state_dict[_rename(key, rules)[0]] = value
 
-    def _import_names(self, state_dict: dict, prefix: str, *args) -> None:
+    @staticmethod
+    def _import_names(self: BackboneLM, state_dict: dict, prefix: str, *args) -> None:
         rules = [("^" + re.escape(prefix + outer), prefix + inner) for inner, outer in self.external_names]
         ours = [k for k in state_dict if k.startswith(prefix)]
         if self.legacy_names is not None:

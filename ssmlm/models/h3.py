@@ -95,13 +95,14 @@ class H3Mixer(Mixer):
 
 class H3Layer(SequenceLayer):
     """One H3 token mixer as a layer: ``layer(x)`` is a tensor of x's shape. ``ssm_layer``: diag | s4d | s4;
-    ``init_method`` is the core's ``init`` under the seed project's name."""
+    ``init_method`` is the core's ``init`` under the seed project's name; ``bidirectional`` goes to the core;
+    ``dropout`` is on the output."""
 
     def __init__(self, d_model: int, d_state: int = 64, ssm_layer: str = "s4d", init_method: str | None = None,
-                 **mixer_kwargs):
+                 dropout: float = 0.0, **mixer_kwargs):
         if init_method is not None:
             mixer_kwargs["init"] = init_method
-        super().__init__(H3Mixer(d_model, d_state, ssm_layer, **mixer_kwargs))
+        super().__init__(H3Mixer(d_model, d_state, ssm_layer, **mixer_kwargs), dropout)
 
 
 def _add_mode_axis(C: torch.Tensor) -> torch.Tensor:

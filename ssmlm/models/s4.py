@@ -55,10 +55,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.base import mark_ssm_dynamics
-from ssmlm.models.blocks import BackboneLM, Mixer, SequenceLayer
+from ssmlm.models.blocks import BackboneLM, Mixer
 from ssmlm.models.cores import log_uniform_dt
 from ssmlm.models.hippo import MEASURES, dplr
-from ssmlm.models.s4d import GLU_LAYER_LEGACY_NAMES, GLUMixer, check_ssm_sizes
+from ssmlm.models.s4d import GLU_LAYER_LEGACY_NAMES, GLULayer, GLUMixer, check_ssm_sizes
 from ssmlm.ops.fftconv import causal_fft_conv
 
 DISCRETIZATIONS = ("bilinear", "zoh")
@@ -380,16 +380,11 @@ class DPLRSSM(Mixer):
         return y, state
 
 
-class S4Layer(SequenceLayer):
-    """One S4 layer on (batch, L, H): SSM convolution + D skip -> GELU -> dropout -> Linear(H, 2H) -> GLU.
-    ``layer(x)`` is a tensor; ``init_method`` is ``init`` (the HiPPO measure) under the seed project's name."""
+class S4Layer(GLULayer):
+    """One S4 layer: SSM convolution + D skip -> GELU -> dropout -> Linear(H, 2H) -> GLU; ``init_method`` is the
+    HiPPO measure."""
 
-    def __init__(self, d_model: int, d_state: int = 64, init_method: str | None = None, bidirectional: bool = False,
-                 dropout: float = 0.0, **ssm_kwargs):
-        if init_method is not None:
-            ssm_kwargs["init"] = init_method
-        super().__init__(GLUMixer(DPLRSSM(d_model, d_state, bidirectional=bidirectional, **ssm_kwargs),
-                                  d_model, dropout))
+    core = DPLRSSM
 
 
 class S4LM(BackboneLM):

@@ -207,16 +207,24 @@ GLU_LAYER_LEGACY_NAMES = (r"blocks\.\d+\.ssm\.", (
 ))
 
 
-class S4DLayer(SequenceLayer):
-    """One S4D layer on (batch, L, H): the diagonal SSM (convolution + D skip) -> GELU -> dropout ->
-    Linear(H, 2H) -> GLU. ``layer(x)`` is a tensor; ``init_method`` is ``init`` under the seed project's name."""
+class GLULayer(SequenceLayer):
+    """An S4-style layer on (batch, L, H), its ``core`` -> GELU -> dropout -> Linear(H, 2H) -> GLU, as a plain
+    layer: ``layer(x)`` is a tensor. ``init_method`` is the core's ``init`` under the seed project's name."""
+
+    core: type[Mixer]
 
     def __init__(self, d_model: int, d_state: int = 64, init_method: str | None = None, bidirectional: bool = False,
                  dropout: float = 0.0, **ssm_kwargs):
         if init_method is not None:
             ssm_kwargs["init"] = init_method
-        super().__init__(GLUMixer(DiagonalSSM(d_model, d_state, bidirectional=bidirectional, **ssm_kwargs),
+        super().__init__(GLUMixer(self.core(d_model, d_state, bidirectional=bidirectional, **ssm_kwargs),
                                   d_model, dropout))
+
+
+class S4DLayer(GLULayer):
+    """One S4D layer: the diagonal SSM (convolution + D skip) -> GELU -> dropout -> Linear(H, 2H) -> GLU."""
+
+    core = DiagonalSSM
 
 
 class S4DLM(BackboneLM):

@@ -111,12 +111,14 @@ class S5SSM(Mixer):
 
 class S5Layer(SequenceLayer):
     """One S5 layer on (batch, L, H): MIMO SSM + D skip -> GELU -> dropout -> Linear(H, 2H) -> GLU.
-    ``layer(x)`` is a tensor."""
+    ``layer(x)`` is a tensor. Its A starts at HiPPO-N (the normal part of LegS): ``init_method`` "legs" only."""
 
-    def __init__(self, d_model: int, d_state: int = 64, bidirectional: bool = False, dropout: float = 0.0,
-                 **ssm_kwargs):
+    def __init__(self, d_model: int, d_state: int = 64, init_method: str = "legs", bidirectional: bool = False,
+                 dropout: float = 0.0, **ssm_kwargs):
         if bidirectional:
             raise ConfigError("S5Layer(bidirectional=True) is not implemented; use S4Layer or S4DLayer")
+        if init_method != "legs":
+            raise ConfigError(f"S5Layer(init_method={init_method!r}): S5 starts at HiPPO-N, use init_method='legs'")
         super().__init__(GLUMixer(S5SSM(d_model, d_state, **ssm_kwargs), d_model, dropout))
 
 

@@ -103,6 +103,8 @@ class SelfAttention(Mixer):
         mask = None
         if state is not None:
             self._make_room(state, L)
+            if torch.is_grad_enabled():  # writing in place would change what autograd saved from earlier calls
+                state.keys, state.values = state.keys.clone(), state.values.clone()
             state.keys[:, :, start:start + L] = k
             state.values[:, :, start:start + L] = v
             k, v = state.keys[:, :, :start + L], state.values[:, :, :start + L]
