@@ -27,7 +27,7 @@ from torch import nn
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.base import LanguageModel, set_optim
-from ssmlm.ops.selective_scan import check_backend, selective_scan
+from ssmlm.ops.selective_scan import check_backend, resolve_backend, selective_scan
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
@@ -81,8 +81,16 @@ class MambaMixer(nn.Module):
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.activation](x)
 
+    # issue 14: fused Triton path (ssmlm.ops.mamba_inner) wherever the Triton scan runs; PyTorch path otherwise
+    def _fused(self, x: torch.Tensor) -> bool:
+        return (self.activation == "silu" and self.in_proj.bias is None and self.out_proj.bias is None
+                and resolve_backend(self.scan_backend, x.device) == "triton")
+
     def forward(self, hidden: torch.Tensor, state=None):
         """hidden: (batch, L, d_model); state: (conv_state, ssm_state) or None. Returns (output, next state)."""
+        if state is None and self._fused(hidden):  # issue 14
+            from ssmlm.ops.mamba_inner import mamba_mixer_forward
+            return mamba_mixer_forward(self, hidden)
         batch = hidden.shape[0]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
         history = (x.new_zeros(batch, self.d_inner, self.d_conv - 1) if state is None
@@ -110,6 +118,9 @@ class MambaMixer(nn.Module):
 
     def step(self, hidden: torch.Tensor, state):
         """One token: hidden (batch, d_model) -> (output (batch, d_model), next state)."""
+        if self._fused(hidden):  # issue 14
+            from ssmlm.ops.mamba_inner import mamba_mixer_step
+            return mamba_mixer_step(self, hidden, state)
         conv_state, ssm_state = state
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, d_inner) each
         window = torch.cat([conv_state.to(x.dtype), x[..., None]], dim=-1)  # the last d_conv inputs
@@ -148,15 +159,23 @@ class MambaBlock(nn.Module):
         out = self.dropout(out)
         return x + (out if self.residual_gate is None else self.residual_gate * out)
 
+    def _normed(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.norm, nn.RMSNorm) and self.mixer._fused(x):  # issue 14: one-pass Triton RMSNorm
+            from ssmlm.ops.rms_norm import add_rms_norm
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            eps = self.norm.eps if self.norm.eps is not None else torch.finfo(x.dtype).eps
+            return add_rms_norm(x, self.norm.weight, eps=eps, out_dtype=dtype)[0]
+        return self.norm(x)
+
     def forward(self, x: torch.Tensor, state=None):
-        out, state = self.mixer(self.norm(x), state)
+        out, state = self.mixer(self._normed(x), state)
         return self._residual(x, out), state
 
     def allocate_state(self, batch_size: int, device=None, dtype=None):
         return self.mixer.allocate_state(batch_size, device=device, dtype=dtype)
 
     def step(self, x: torch.Tensor, state):
-        out, state = self.mixer.step(self.norm(x), state)
+        out, state = self.mixer.step(self._normed(x), state)
         return self._residual(x, out), state
 
 

@@ -1,0 +1,267 @@
+"""A whole Mamba LM against mamba_ssm on one GPU, in one process: training step and decoding.
+
+Parts B and C of ``../shared/peers/peer_bench.py``, the measurement ssmlm's Mamba is judged by:
+
+* ``B``: one training step (bf16 autocast, fused AdamW, byte vocabulary) at three configs -- 34M (d512 x 20,
+  batch 16, L 1024), 91M (d768 x 24, B8 L2048), 3.6M (d256 x 8, B8 L8192) -- tokens/s and peak memory, for
+  ssmlm's ``MambaLM`` (fused Triton path; ``+compile`` under ``torch.compile``; ``[unfused]`` the PyTorch mixer
+  around the Triton scan, as before issue 14) and mamba_ssm's ``MambaLMHeadModel`` on its fused path
+  (causal-conv1d, fused add + norm, residual in fp32).
+* ``C``: decoding tokens/s of the 91M model at batch 1 and 16 after a 128-token prompt: ssmlm's recurrent
+  step eager and replayed from a CUDA graph, mamba_ssm's ``generate`` with and without ``cg`` (its time
+  includes its prefill of the prompt, as in peer_bench).
+
+mamba_ssm is imported only when present (``--peers DIR`` holding ``mamba_ssm/`` and ``causal_conv1d/``, the
+compiled ``selective_scan_cuda`` / ``causal_conv1d_cuda`` on ``PYTHONPATH`` or under /tmp/peer_build); without
+it the ssmlm rows run alone. Ratios are ssmlm / mamba_ssm within this run (timings move 15-40% between
+machines). Speed targets live here, not in tests.
+
+    python scripts/bench_mamba.py --parts BC --peers .peers --json $OUT/bench_mamba.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+import types
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ssmlm.models.mamba import MambaLM, MambaMixer  # noqa: E402
+
+TRAIN_CONFIGS = [("34M", 512, 20, 16, 1024), ("91M", 768, 24, 8, 2048), ("3.6M", 256, 8, 8, 8192)]
+VOCAB = 256
+
+
+def import_mamba_ssm(peers: Path | None):
+    """mamba_ssm's LM class, or None (with the reason printed) where it is not importable."""
+    if peers is not None:
+        sys.path[:0] = [str(peers), "/tmp/peer_build/ss", "/tmp/peer_build/cc"]
+    try:
+        import causal_conv1d_cuda  # noqa: F401
+        import selective_scan_cuda  # noqa: F401
+    except Exception as e:
+        print(f"# mamba_ssm's CUDA kernels are not importable ({type(e).__name__}: {e}): ssmlm rows only")
+        return None
+    try:  # its __init__ pulls Mamba-3 (tilelang, cute), which Mamba-1 does not need
+        import mamba_ssm.modules.mamba3  # noqa: F401
+    except Exception:
+        stub = types.ModuleType("mamba_ssm.modules.mamba3")
+        stub.Mamba3 = None
+        sys.modules["mamba_ssm.modules.mamba3"] = stub
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    def build(d_model, n_layer):
+        cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={"layer": "Mamba1"},
+                          rms_norm=True, fused_add_norm=True, residual_in_fp32=True)
+        return MambaLMHeadModel(cfg, device="cuda")
+
+    return build
+
+
+class Unfused:
+    """Within the block, MambaMixer takes its PyTorch path (the Triton scan still runs): the pre-issue-14 model."""
+
+    def __enter__(self):
+        self.saved = MambaMixer._fused
+        MambaMixer._fused = lambda self, x: False
+
+    def __exit__(self, *exc):
+        MambaMixer._fused = self.saved
+
+
+def build_model(kind: str, d_model: int, n_layer: int, mamba_ssm):
+    if kind == "mamba_ssm":
+        m = mamba_ssm(d_model, n_layer)
+        return m, (lambda t: m(t).logits)
+    m = MambaLM(VOCAB, d_model=d_model, n_layers=n_layer, d_state=16, scan_backend="triton").cuda()
+    if kind.endswith("+compile"):
+        compiled = torch.compile(m)
+        return m, compiled
+    return m, m
+
+
+def train_row(kind, label, d_model, n_layer, batch, L, mamba_ssm, steps) -> dict:
+    row = dict(config=label, d_model=d_model, n_layer=n_layer, batch=batch, L=L, model=kind)
+    torch.manual_seed(0)
+    m, fwd = build_model(kind, d_model, n_layer, mamba_ssm)
+    row["params_M"] = round(sum(p.numel() for p in m.parameters()) / 1e6, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
+    tokens = torch.randint(0, VOCAB, (batch, L + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = fwd(tokens[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    loss0 = step().item()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        last = step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    row.update(loss0=round(loss0, 3), loss_last=round(last.item(), 3), ms_per_step=round(1e3 * seconds / steps, 2),
+               tok_per_s=round(batch * L * steps / seconds), peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 3))
+    return row
+
+
+def part_b(kinds, mamba_ssm, steps, configs) -> list[dict]:
+    rows = []
+    for label, d, n, batch, L in TRAIN_CONFIGS:
+        if configs and label not in configs:
+            continue
+        for kind in kinds:
+            if kind == "mamba_ssm" and mamba_ssm is None:
+                continue
+            try:
+                if kind == "ssmlm[unfused]":
+                    with Unfused():
+                        row = train_row(kind, label, d, n, batch, L, mamba_ssm, steps)
+                else:
+                    row = train_row(kind, label, d, n, batch, L, mamba_ssm, steps)
+            except Exception as e:
+                traceback.print_exc()
+                row = dict(config=label, model=kind, error=f"{type(e).__name__}: {str(e)[:200]}")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+@torch.inference_mode()
+def decode_ssmlm(m, batch, mode, new, weights):
+    from ssmlm.generate import GraphedStep
+
+    prompt = torch.randint(0, VOCAB, (batch, 128), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=weights == "fp32"):
+        logits, state = m(prompt, return_state=True)
+        tok = logits[:, -1].argmax(-1)
+        graph = GraphedStep(m, state) if mode == "graph" else None
+        for _ in range(5):
+            logits = graph(tok) if graph else m.step(tok, state)[0]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(new):
+            if graph:
+                logits = graph(tok)
+            else:
+                logits, state = m.step(tok, state)
+            tok = logits.argmax(-1)
+        torch.cuda.synchronize()
+    return batch * new / (time.perf_counter() - t0)
+
+
+def part_c(mamba_ssm, batches, new=512, d_model=768, n_layer=24) -> list[dict]:
+    rows = []
+    for batch in batches:
+        torch.manual_seed(0)
+        m = MambaLM(VOCAB, d_model=d_model, n_layers=n_layer, d_state=16, scan_backend="triton").cuda().eval()
+        for weights in ("fp32", "bf16"):  # fp32 weights under bf16 autocast (as peer_bench), or bf16 weights
+            if weights == "bf16":
+                m = m.to(torch.bfloat16)
+            for mode in ("eager", "graph"):
+                row = dict(batch=batch, model=f"ssmlm[{mode}] {weights} weights"
+                           + (" bf16 autocast" if weights == "fp32" else ""))
+                try:
+                    row["tok_per_s"] = round(decode_ssmlm(m, batch, mode, new, weights), 1)
+                except Exception as e:
+                    traceback.print_exc()
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        del m
+        if mamba_ssm is None:
+            continue
+        torch.manual_seed(0)
+        m = mamba_ssm(d_model, n_layer).eval().to(torch.bfloat16)
+        prompt = torch.randint(0, VOCAB, (batch, 128), device="cuda")
+        for cg in (False, True):
+            row = dict(batch=batch, model=f"mamba_ssm[cg={cg}] bf16 weights")
+            try:
+                m.generate(prompt, max_length=128 + 16, cg=cg)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                m.generate(prompt, max_length=128 + new, cg=cg)
+                torch.cuda.synchronize()
+                row["tok_per_s"] = round(batch * new / (time.perf_counter() - t0), 1)
+                row["note"] = "includes its prefill of 128"
+            except Exception as e:
+                traceback.print_exc()
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del m
+        torch.cuda.empty_cache()
+    return rows
+
+
+def summary(result) -> None:
+    print("\n# training step (bf16 autocast): tokens/s, peak GiB; ratio to mamba_ssm")
+    by_config = {}
+    for r in result.get("lm_train", []):
+        by_config.setdefault(r["config"], {})[r["model"]] = r
+    for config, rows in by_config.items():
+        peer = rows.get("mamba_ssm", {})
+        for kind, r in rows.items():
+            if "error" in r:
+                print(f"  {config:5s} {kind:16s} {r['error']}")
+                continue
+            ratio = ""
+            if peer.get("tok_per_s") and kind != "mamba_ssm":
+                ratio = (f"  speed {r['tok_per_s'] / peer['tok_per_s']:.2f}x  memory "
+                         f"{r['peak_GiB'] / peer['peak_GiB']:.2f}x")
+            print(f"  {config:5s} {kind:16s} {r['tok_per_s']:>10,} tok/s  {r['peak_GiB']:6.2f} GiB{ratio}")
+    print("\n# decoding, 91M model: tokens/s")
+    for r in result.get("decode", []):
+        print(f"  B{r['batch']:<3d} {r['model']:42s} {r.get('tok_per_s', r.get('error'))}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="BC")
+    p.add_argument("--peers", type=Path, help="folder holding mamba_ssm/ and causal_conv1d/ (peer_bench's copy)")
+    p.add_argument("--kinds", nargs="+", default=["ssmlm", "ssmlm+compile", "ssmlm[unfused]", "mamba_ssm"])
+    p.add_argument("--configs", nargs="*", default=[], help="subset of 34M 91M 3.6M")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    import triton
+
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "triton": triton.__version__}
+    mamba_ssm = import_mamba_ssm(args.peers)
+    print(json.dumps(result), flush=True)
+    for part in args.parts:
+        t0 = time.time()
+        if part == "B":
+            result["lm_train"] = part_b(args.kinds, mamba_ssm, args.steps, args.configs)
+        elif part == "C":
+            result["decode"] = part_c(mamba_ssm, args.decode_batches)
+        print(f"# part {part} took {time.time() - t0:.0f} s", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+    summary(result)
+
+
+if __name__ == "__main__":
+    main()
