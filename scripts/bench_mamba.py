@@ -8,8 +8,9 @@ Parts B and C of ``../shared/peers/peer_bench.py``, the measurement ssmlm's Mamb
   around the Triton scan, as before issue 14) and mamba_ssm's ``MambaLMHeadModel`` on its fused path
   (causal-conv1d, fused add + norm, residual in fp32).
 * ``C``: decoding tokens/s of the 91M model at batch 1 and 16 after a 128-token prompt: ssmlm's recurrent
-  step eager and replayed from a CUDA graph, mamba_ssm's ``generate`` with and without ``cg`` (its time
-  includes its prefill of the prompt, as in peer_bench).
+  step eager and replayed from a CUDA graph, mamba_ssm's ``generate`` with and without ``cg``. peer_bench
+  times mamba_ssm's whole ``generate`` (prefill included, ``tok_per_s_with_prefill``); ``tok_per_s`` here
+  subtracts a ``generate`` of one token, so both sides count decoding alone.
 
 mamba_ssm is imported only when present (``--peers DIR`` holding ``mamba_ssm/`` and ``causal_conv1d/``, the
 compiled ``selective_scan_cuda`` / ``causal_conv1d_cuda`` on ``PYTHONPATH`` or under /tmp/peer_build); without
@@ -198,12 +199,15 @@ def part_c(mamba_ssm, batches, new=512, d_model=768, n_layer=24) -> list[dict]:
             row = dict(batch=batch, model=f"mamba_ssm[cg={cg}] bf16 weights")
             try:
                 m.generate(prompt, max_length=128 + 16, cg=cg)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                m.generate(prompt, max_length=128 + new, cg=cg)
-                torch.cuda.synchronize()
-                row["tok_per_s"] = round(batch * new / (time.perf_counter() - t0), 1)
-                row["note"] = "includes its prefill of 128"
+                seconds = {}
+                for n in (1, new):  # prefill + 1 token, prefill + new tokens: the difference is decoding alone
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    m.generate(prompt, max_length=128 + n, cg=cg)
+                    torch.cuda.synchronize()
+                    seconds[n] = time.perf_counter() - t0
+                row["tok_per_s_with_prefill"] = round(batch * new / seconds[new], 1)  # peer_bench's number
+                row["tok_per_s"] = round(batch * (new - 1) / (seconds[new] - seconds[1]), 1)
             except Exception as e:
                 traceback.print_exc()
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -235,6 +239,43 @@ def summary(result) -> None:
         print(f"  B{r['batch']:<3d} {r['model']:42s} {r.get('tok_per_s', r.get('error'))}")
 
 
+def records(result) -> list[dict]:
+    """The rows docs/benchmarks/mamba_lm.json keeps: one per training config and per decoding batch and mode,
+    each with the date, device, torch and Triton versions."""
+    train = {}
+    for r in result.get("lm_train", []):
+        if "tok_per_s" not in r:
+            continue
+        row = train.setdefault(r["config"], {"config": r["config"], "d_model": r["d_model"], "n_layer": r["n_layer"],
+                                             "batch": r["batch"], "L": r["L"]})
+        key = {"ssmlm": "ssmlm", "mamba_ssm": "mamba_ssm", "ssmlm+compile": "ssmlm_compile",
+               "ssmlm[unfused]": "ssmlm_unfused"}.get(r["model"])
+        if key:
+            row[f"{key}_tok_s"], row[f"{key}_GiB"] = r["tok_per_s"], r["peak_GiB"]
+    decode = {}
+    for r in result.get("decode", []):
+        if "tok_per_s" not in r:
+            continue
+        mode = "graph" if "[graph]" in r["model"] or "cg=True" in r["model"] else "eager"
+        row = decode.setdefault((r["batch"], mode), {"batch": r["batch"], "mode": mode, "new_tokens": 512})
+        if r["model"].startswith("mamba_ssm"):
+            row["mamba_ssm_tok_s"] = r["tok_per_s"]
+            row["mamba_ssm_with_prefill_tok_s"] = r.get("tok_per_s_with_prefill")
+        elif "bf16 weights" in r["model"] and "autocast" not in r["model"]:
+            row["ssmlm_bf16_weights_tok_s"] = r["tok_per_s"]
+        else:
+            row["ssmlm_tok_s"] = r["tok_per_s"]
+    for rows in (train.values(), decode.values()):
+        for row in rows:
+            if row.get("mamba_ssm_tok_s") and row.get("ssmlm_tok_s"):
+                row["speed_ratio"] = round(row["ssmlm_tok_s"] / row["mamba_ssm_tok_s"], 3)
+            if row.get("mamba_ssm_GiB") and row.get("ssmlm_GiB"):
+                row["memory_ratio"] = round(row["ssmlm_GiB"] / row["mamba_ssm_GiB"], 3)
+    meta = {k: result[k] for k in ("date", "device", "torch", "triton")}
+    return ([{"part": "train", **row, **meta} for row in train.values()]
+            + [{"part": "decode", **row, **meta} for row in decode.values()])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="BC")
@@ -243,7 +284,8 @@ def main():
     p.add_argument("--configs", nargs="*", default=[], help="subset of 34M 91M 3.6M")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=Path, help="every row measured")
+    p.add_argument("--record", type=Path, help="the summary rows (docs/benchmarks/mamba_lm.json's format)")
     args = p.parse_args()
     import triton
 
@@ -261,6 +303,8 @@ def main():
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
     summary(result)
+    if args.record:
+        args.record.write_text(json.dumps(records(result), indent=1) + "\n")
 
 
 if __name__ == "__main__":
