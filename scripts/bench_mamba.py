@@ -4,8 +4,9 @@ Parts B and C of ``../shared/peers/peer_bench.py``, the measurement ssmlm's Mamb
 
 * ``B``: one training step (bf16 autocast, fused AdamW, byte vocabulary) at three configs -- 34M (d512 x 20,
   batch 16, L 1024), 91M (d768 x 24, B8 L2048), 3.6M (d256 x 8, B8 L8192) -- tokens/s and peak memory, for
-  ssmlm's ``MambaLM`` (fused Triton path; ``+compile`` under ``torch.compile``; ``[unfused]`` the PyTorch mixer
-  around the Triton scan, as before issue 14) and mamba_ssm's ``MambaLMHeadModel`` on its fused path
+  ssmlm's ``MambaLM`` (fused Triton path; ``+compile`` under ``torch.compile``; ``[save_xz]`` the fused mixer
+  keeping in_proj's output instead of recomputing it; ``[unfused]`` the PyTorch mixer around the Triton scan,
+  as before issue 14) and mamba_ssm's ``MambaLMHeadModel`` on its fused path
   (causal-conv1d, fused add + norm, residual in fp32).
 * ``C``: decoding tokens/s of the 91M model at batch 1 and 16 after a 128-token prompt: ssmlm's recurrent
   step eager and replayed from a CUDA graph, mamba_ssm's ``generate`` with and without ``cg``. peer_bench
@@ -23,6 +24,7 @@ machines). Speed targets live here, not in tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -81,6 +83,22 @@ class Unfused:
         MambaMixer._fused = self.saved
 
 
+class SaveXZ:
+    """The fused mixer keeps in_proj's output for its backward instead of recomputing it."""
+
+    def __enter__(self):
+        from ssmlm.ops import mamba_inner
+
+        self.module, self.saved = mamba_inner, mamba_inner.SAVE_XZ
+        mamba_inner.SAVE_XZ = True
+
+    def __exit__(self, *exc):
+        self.module.SAVE_XZ = self.saved
+
+
+VARIANTS = {"ssmlm[unfused]": Unfused, "ssmlm[save_xz]": SaveXZ}
+
+
 def build_model(kind: str, d_model: int, n_layer: int, mamba_ssm):
     if kind == "mamba_ssm":
         m = mamba_ssm(d_model, n_layer)
@@ -134,10 +152,7 @@ def part_b(kinds, mamba_ssm, steps, configs) -> list[dict]:
             if kind == "mamba_ssm" and mamba_ssm is None:
                 continue
             try:
-                if kind == "ssmlm[unfused]":
-                    with Unfused():
-                        row = train_row(kind, label, d, n, batch, L, mamba_ssm, steps)
-                else:
+                with VARIANTS.get(kind, contextlib.nullcontext)():
                     row = train_row(kind, label, d, n, batch, L, mamba_ssm, steps)
             except Exception as e:
                 traceback.print_exc()
@@ -249,7 +264,7 @@ def records(result) -> list[dict]:
         row = train.setdefault(r["config"], {"config": r["config"], "d_model": r["d_model"], "n_layer": r["n_layer"],
                                              "batch": r["batch"], "L": r["L"]})
         key = {"ssmlm": "ssmlm", "mamba_ssm": "mamba_ssm", "ssmlm+compile": "ssmlm_compile",
-               "ssmlm[unfused]": "ssmlm_unfused"}.get(r["model"])
+               "ssmlm[unfused]": "ssmlm_unfused", "ssmlm[save_xz]": "ssmlm_save_xz"}.get(r["model"])
         if key:
             row[f"{key}_tok_s"], row[f"{key}_GiB"] = r["tok_per_s"], r["peak_GiB"]
     decode = {}

@@ -173,10 +173,17 @@ def _mixer(d_model, d_state, device, seed=0, conv_bias=True):
     return mixer
 
 
-def check_mamba_inner(batch, L, d_model, d_state, device, autocast=False, conv_bias=True, seed=0):
+def check_mamba_inner(batch, L, d_model, d_state, device, autocast=False, conv_bias=True, save_xz=False, seed=0):
     """mamba_inner_fn against MambaMixer's PyTorch path (sequential reference scan) in fp32: output, returned
     state, the input's and every parameter's gradient. With ``autocast`` the fused side runs in bf16."""
-    from ssmlm.ops.mamba_inner import mamba_mixer_forward
+    from ssmlm.ops import mamba_inner
+
+    def fused(h):
+        saved, mamba_inner.SAVE_XZ = mamba_inner.SAVE_XZ, save_xz
+        try:
+            return mamba_inner.mamba_mixer_forward(mixer, h)
+        finally:
+            mamba_inner.SAVE_XZ = saved
 
     mixer = _mixer(d_model, d_state, device, seed, conv_bias)
     hidden = torch.randn(batch, L, d_model, generator=_gen(seed + 1)).to(device)
@@ -191,7 +198,7 @@ def check_mamba_inner(batch, L, d_model, d_state, device, autocast=False, conv_b
         grads = torch.autograd.grad((out.float() * dout).sum(), [h, *params])
         return out, conv_state, ssm_state, grads
 
-    out, conv_state, ssm_state, grads = run(lambda h: mamba_mixer_forward(mixer, h))
+    out, conv_state, ssm_state, grads = run(fused)
     out_ref, conv_ref, ssm_ref, grads_ref = run(lambda h: mixer(h))
     dtype = torch.bfloat16 if autocast else torch.float32
     assert_close("out", out, out_ref, dtype)
@@ -329,6 +336,12 @@ def test_mamba_inner_no_conv_bias_gpu():
 
 @pytest.mark.gpu
 @needs_cuda
+def test_mamba_inner_save_xz_gpu():
+    check_mamba_inner(2, 129, 32, 16, "cuda", save_xz=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_mamba_inner_autocast_gpu():
     check_mamba_inner(2, 200, 64, 16, "cuda", autocast=True)
 
@@ -368,6 +381,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         t.check_rms_norm(3, 10, torch.float32, "cpu", with_residual=False)
     elif which == "mixer":
         t.check_mamba_inner(2, 13, 8, 4, "cpu")
+        t.check_mamba_inner(1, 1, 8, 4, "cpu", save_xz=True, conv_bias=False)
         t.check_state_update(2, 6, 4, torch.float32, "cpu")
         t.check_mixer_step(2, 8, 4, 3, "cpu")
     print("ok")

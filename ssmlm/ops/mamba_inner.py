@@ -47,7 +47,7 @@ def _as_bdl(m: torch.Tensor, batch: int) -> torch.Tensor:
 class MambaInnerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, out_proj_w, A_log, D,
-                dt_rank: int, d_state: int):
+                dt_rank: int, d_state: int, save_xz: bool):
         dtype = _compute_dtype(hidden)
         batch, L, d_model = hidden.shape
         with torch.autocast(hidden.device.type, enabled=False):
@@ -70,7 +70,7 @@ class MambaInnerFn(torch.autograd.Function):
             conv_state = F.pad(x[..., max(L - (width - 1), 0):], (max(width - 1 - L, 0), 0)).contiguous()
             ssm_state = chunk_states[:, -1].clone()
         ctx.save_for_backward(h, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, out_proj_w, A_log, D,
-                              x_dbl, chunk_states)
+                              x_dbl, chunk_states, xz if save_xz else None)
         ctx.dims = (batch, L, dt_rank, d_state)
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(conv_state, ssm_state)
@@ -79,13 +79,13 @@ class MambaInnerFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dconv_state, _dssm_state):
         (h, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, out_proj_w, A_log, D, x_dbl,
-         chunk_states) = ctx.saved_tensors
+         chunk_states, xz) = ctx.saved_tensors
         batch, L, dt_rank, d_state = ctx.dims
         dtype = h.dtype
         with torch.autocast(h.device.type, enabled=False):
             W_in, W_x, W_dt, W_out = (w.to(dtype) for w in (in_proj_w, x_proj_w, dt_proj_w, out_proj_w))
             # recompute the forward's activations
-            xz = W_in @ h.t()
+            xz = W_in @ h.t() if xz is None else xz
             d_inner = xz.shape[0] // 2
             x, z = _as_bdl(xz[:d_inner], batch), _as_bdl(xz[d_inner:], batch)
             conv_out2 = torch.empty_like(xz[:d_inner])
@@ -120,17 +120,22 @@ class MambaInnerFn(torch.autograd.Function):
         return (dh, d_in_proj_w.to(in_proj_w.dtype), dconv_w.view(conv_w.shape).to(conv_w.dtype),
                 None if conv_b is None else dconv_b.to(conv_b.dtype), d_x_proj_w.to(x_proj_w.dtype),
                 d_dt_proj_w.to(dt_proj_w.dtype), ddt_bias.to(dt_proj_b.dtype), d_out_proj_w.to(out_proj_w.dtype),
-                (dA * A).to(A_log.dtype), dD.to(D.dtype), None, None)
+                (dA * A).to(A_log.dtype), dD.to(D.dtype), None, None, None)
+
+
+# Keep in_proj's output (2 d_inner values per token) for the backward instead of recomputing it: one matmul
+# less, ~1.7x the saved activations (scripts/bench_mamba.py's ``ssmlm[save_xz]`` measures both).
+SAVE_XZ = False
 
 
 def mamba_inner_fn(hidden, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, out_proj_w, A_log, D,
-                   dt_rank: int, d_state: int):
+                   dt_rank: int, d_state: int, save_xz: bool = False):
     """The Mamba mixer, fused (see the module docstring): hidden (batch, L, d_model) and the mixer's parameters
     (no in_proj/out_proj biases; SiLU activation) -> (out (batch, L, d_model), conv_state (batch, d_inner,
     d_conv - 1), ssm_state (batch, d_inner, d_state) fp32). Under autocast the matmuls and activations use the
     autocast dtype; the scan accumulates in fp32."""
     return MambaInnerFn.apply(hidden, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, out_proj_w,
-                              A_log, D, dt_rank, d_state)
+                              A_log, D, dt_rank, d_state, save_xz)
 
 
 def mamba_mixer_forward(mixer, hidden):
@@ -138,7 +143,7 @@ def mamba_mixer_forward(mixer, hidden):
     out, conv_state, ssm_state = mamba_inner_fn(
         hidden, mixer.in_proj.weight, mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight,
         mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.out_proj.weight, mixer.A_log, mixer.D,
-        mixer.dt_rank, mixer.d_state)
+        mixer.dt_rank, mixer.d_state, SAVE_XZ)
     return out, (conv_state, ssm_state)
 
 
