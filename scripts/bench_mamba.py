@@ -105,8 +105,10 @@ def build_model(kind: str, d_model: int, n_layer: int, mamba_ssm):
         return m, (lambda t: m(t).logits)
     m = MambaLM(VOCAB, d_model=d_model, n_layers=n_layer, d_state=16, scan_backend="triton").cuda()
     if kind.endswith("+compile"):
-        compiled = torch.compile(m)
-        return m, compiled
+        # fixed shapes per config: without dynamic=False the second config recompiles with symbolic sizes,
+        # which Dynamo 2.11 cannot pass to a user Triton kernel's launch grid
+        torch._dynamo.reset()
+        return m, torch.compile(m, dynamic=False)
     return m, m
 
 

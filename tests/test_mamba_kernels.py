@@ -369,7 +369,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     import ssmlm.ops.causal_conv1d as cc
     import ssmlm.ops.triton_scan as ts
     from tests import test_mamba_kernels as t
-    cc.FWD_BLOCK_D, cc.FWD_BLOCK_L, cc.BWD_BLOCK_D, cc.BWD_BLOCK_L = 4, 8, 4, 8  # several tiles, partial ones
+    cc.FWD_BLOCK_D, cc.FWD_BLOCK_L, cc.BWD_BLOCK_D, cc.BWD_BLOCK_L, cc.BWD_TILES = 4, 8, 4, 4, 2  # partial tiles
     ts.CONFIG = ts.ScanConfig(t_chunk=8, fwd_block_d=4, bwd_block_d=4)
     which = sys.argv[2]
     if which == "conv":

@@ -6,8 +6,8 @@ groups=dim)[..., :L]``. The kernels compute in fp32 and accept any batch/channel
 outputs, so a Mamba mixer can hand them a slice of its in_proj output and ask for the layout its next matmul reads.
 
 * forward: a program computes a (channels, steps) tile; the W shifted input tiles are re-read through L1.
-* backward: a program owns a block of channels of one batch row and walks the sequence, so the weight and bias
-  gradients (sums over time) stay in registers and are added once per program. The gradient of the
+* backward: a program owns a block of channels of one batch row over ``BWD_TILES`` time tiles; the weight and
+  bias gradients (sums over time) stay in registers and are added once per program. The gradient of the
   pre-activation at t + j (j < W) is recomputed from x for every output tile rather than stored.
 * update: one step for decoding, ``out = act(bias + <w, [state, x]>)``, with the new state (the last W-1 inputs).
 """
@@ -89,10 +89,10 @@ def _conv_bwd_kernel(
     x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, dim, L,
     stride_x_b, stride_x_d, stride_x_l, stride_w_d, stride_g_b, stride_g_d, stride_g_l,
     stride_dx_b, stride_dx_d, stride_dx_l,
-    W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    W: tl.constexpr, W_POW2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, TILES: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
 ):
-    pid_d, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid_l, pid_d, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     channels = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     channel_mask = channels < dim
     steps = tl.arange(0, BLOCK_L)
@@ -104,8 +104,8 @@ def _conv_bwd_kernel(
     bias = tl.load(b_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
     dw = tl.zeros([BLOCK_D, W_POW2], dtype=tl.float32)
     db = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(0, L, BLOCK_L):
-        t = start + steps
+    for tile in range(TILES):
+        t = (pid_l * TILES + tile) * BLOCK_L + steps
         dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
         # out[t + j] depends on x[t] through w[W-1-j]: dx[t] = sum_j w[W-1-j] dpre[t + j]
         for j in tl.static_range(W):
@@ -167,6 +167,7 @@ def _conv_update_kernel(
 
 FWD_BLOCK_D, FWD_BLOCK_L = 16, 128
 BWD_BLOCK_D, BWD_BLOCK_L = 8, 128
+BWD_TILES = 4  # time tiles per backward program: enough programs to fill the GPU, few atomics for dw and db
 
 
 def conv_forward(x, weight, bias, silu=True, out=None):
@@ -192,10 +193,11 @@ def conv_backward(x, weight, bias, dout, silu=True, dx=None):
     dx = torch.empty(batch, dim, L, device=x.device, dtype=x.dtype) if dx is None else dx
     dw = torch.zeros(dim, width, device=x.device, dtype=torch.float32)
     db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
-    _conv_bwd_kernel[(triton.cdiv(dim, BWD_BLOCK_D), batch)](
+    tiles = triton.cdiv(L, BWD_BLOCK_L * BWD_TILES)
+    _conv_bwd_kernel[(tiles, triton.cdiv(dim, BWD_BLOCK_D), batch)](
         x, weight, bias if bias is not None else weight, dout, dx, dw, db if db is not None else dw, dim, L,
         *x.stride(), weight.stride(0), *dout.stride(), *dx.stride(),
-        W=width, W_POW2=triton.next_power_of_2(width), BLOCK_D=BWD_BLOCK_D, BLOCK_L=BWD_BLOCK_L,
+        W=width, W_POW2=triton.next_power_of_2(width), BLOCK_D=BWD_BLOCK_D, BLOCK_L=BWD_BLOCK_L, TILES=BWD_TILES,
         HAS_BIAS=bias is not None, SILU=silu, num_warps=4,
     )
     return dx, dw, db
