@@ -133,6 +133,80 @@ def _conv_bwd_kernel(
 
 
 @triton.jit
+def _silu_grad(g, pre):
+    sig = _sigmoid(pre)
+    return g * sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
+def _load_shifted(rows, t, shift, channel_mask, L, stride_l):
+    src = t + shift
+    m = channel_mask[:, None] & ((src >= 0) & (src < L))[None, :]
+    return tl.load(rows + src[None, :] * stride_l, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_bwd_w4_kernel(
+    x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, dim, L,
+    stride_x_b, stride_x_d, stride_x_l, stride_w_d, stride_g_b, stride_g_d, stride_g_l,
+    stride_dx_b, stride_dx_d, stride_dx_l,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, TILES: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """_conv_bwd_kernel for width 4 with SiLU, written out: the 7 shifted input tiles are loaded once and shared
+    by the 4 pre-activations the tile's dx needs, and dw/db accumulate elementwise (one reduction per program)."""
+    pid_l, pid_d, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    channels = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    channel_mask = channels < dim
+    cm = channel_mask
+    steps = tl.arange(0, BLOCK_L)
+    x_rows = x_ptr + batch * stride_x_b + channels[:, None] * stride_x_d
+    g_rows = dout_ptr + batch * stride_g_b + channels[:, None] * stride_g_d
+    dx_rows = dx_ptr + batch * stride_dx_b + channels[:, None] * stride_dx_d
+    w0 = tl.load(w_ptr + channels * stride_w_d + 0, mask=cm, other=0.0).to(tl.float32)[:, None]
+    w1 = tl.load(w_ptr + channels * stride_w_d + 1, mask=cm, other=0.0).to(tl.float32)[:, None]
+    w2 = tl.load(w_ptr + channels * stride_w_d + 2, mask=cm, other=0.0).to(tl.float32)[:, None]
+    w3 = tl.load(w_ptr + channels * stride_w_d + 3, mask=cm, other=0.0).to(tl.float32)[:, None]
+    bias = tl.load(b_ptr + channels, mask=cm, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else 0.0
+    dw0 = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    dw2 = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    dw3 = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    for tile in range(TILES):
+        t = (pid_l * TILES + tile) * BLOCK_L + steps
+        xm3 = _load_shifted(x_rows, t, -3, channel_mask, L, stride_x_l)
+        xm2 = _load_shifted(x_rows, t, -2, channel_mask, L, stride_x_l)
+        xm1 = _load_shifted(x_rows, t, -1, channel_mask, L, stride_x_l)
+        x0 = _load_shifted(x_rows, t, 0, channel_mask, L, stride_x_l)
+        xp1 = _load_shifted(x_rows, t, 1, channel_mask, L, stride_x_l)
+        xp2 = _load_shifted(x_rows, t, 2, channel_mask, L, stride_x_l)
+        xp3 = _load_shifted(x_rows, t, 3, channel_mask, L, stride_x_l)
+        # pre-activation gradients at t, t+1, t+2, t+3 (0 past the end: the loaded dout is 0 there)
+        g0 = _silu_grad(_load_shifted(g_rows, t, 0, channel_mask, L, stride_g_l),
+                        bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0)
+        g1 = _silu_grad(_load_shifted(g_rows, t, 1, channel_mask, L, stride_g_l),
+                        bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1)
+        g2 = _silu_grad(_load_shifted(g_rows, t, 2, channel_mask, L, stride_g_l),
+                        bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2)
+        g3 = _silu_grad(_load_shifted(g_rows, t, 3, channel_mask, L, stride_g_l),
+                        bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3)
+        tl.store(dx_rows + t[None, :] * stride_dx_l, w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3,
+                 mask=cm[:, None] & (t < L)[None, :])
+        dw0 += g0 * xm3
+        dw1 += g0 * xm2
+        dw2 += g0 * xm1
+        dw3 += g0 * x0
+        db += g0
+    dw_rows = dw_ptr + channels * 4
+    tl.atomic_add(dw_rows + 0, tl.sum(dw0, axis=1), mask=cm, sem="relaxed")
+    tl.atomic_add(dw_rows + 1, tl.sum(dw1, axis=1), mask=cm, sem="relaxed")
+    tl.atomic_add(dw_rows + 2, tl.sum(dw2, axis=1), mask=cm, sem="relaxed")
+    tl.atomic_add(dw_rows + 3, tl.sum(dw3, axis=1), mask=cm, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + channels, tl.sum(db, axis=1), mask=cm, sem="relaxed")
+
+
+@triton.jit
 def _conv_update_kernel(
     x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, new_state_ptr, dim,
     stride_x_b, stride_x_d, stride_s_b, stride_s_d, stride_s_k, stride_w_d, stride_o_b, stride_o_d,
@@ -174,7 +248,7 @@ def conv_forward(x, weight, bias, silu=True, out=None):
     """Launch the forward kernel: x (batch, dim, L) any strides -> out (batch, dim, L) (given, or new)."""
     batch, dim, L = x.shape
     width = weight.shape[-1]
-    weight = weight.reshape(dim, width)
+    weight = weight.reshape(dim, width).contiguous()
     out = torch.empty(batch, dim, L, device=x.device, dtype=x.dtype) if out is None else out
     grid = (triton.cdiv(L, FWD_BLOCK_L), triton.cdiv(dim, FWD_BLOCK_D), batch)
     _conv_fwd_kernel[grid](
@@ -189,12 +263,20 @@ def conv_backward(x, weight, bias, dout, silu=True, dx=None):
     """Launch the backward kernel. Returns (dx in x's dtype, dweight fp32 (dim, W), dbias fp32 or None)."""
     batch, dim, L = x.shape
     width = weight.shape[-1]
-    weight = weight.reshape(dim, width)
+    weight = weight.reshape(dim, width).contiguous()
     dx = torch.empty(batch, dim, L, device=x.device, dtype=x.dtype) if dx is None else dx
     dw = torch.zeros(dim, width, device=x.device, dtype=torch.float32)
     db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
     tiles = triton.cdiv(L, BWD_BLOCK_L * BWD_TILES)
-    _conv_bwd_kernel[(tiles, triton.cdiv(dim, BWD_BLOCK_D), batch)](
+    grid = (tiles, triton.cdiv(dim, BWD_BLOCK_D), batch)
+    if width == 4 and silu:  # Mamba's conv: the written-out kernel
+        _conv_bwd_w4_kernel[grid](
+            x, weight, bias if bias is not None else weight, dout, dx, dw, db if db is not None else dw, dim, L,
+            *x.stride(), weight.stride(0), *dout.stride(), *dx.stride(),
+            BLOCK_D=BWD_BLOCK_D, BLOCK_L=BWD_BLOCK_L, TILES=BWD_TILES, HAS_BIAS=bias is not None, num_warps=4,
+        )
+        return dx, dw, db
+    _conv_bwd_kernel[grid](
         x, weight, bias if bias is not None else weight, dout, dx, dw, db if db is not None else dw, dim, L,
         *x.stride(), weight.stride(0), *dout.stride(), *dx.stride(),
         W=width, W_POW2=triton.next_power_of_2(width), BLOCK_D=BWD_BLOCK_D, BLOCK_L=BWD_BLOCK_L, TILES=BWD_TILES,
@@ -228,7 +310,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
     (out (batch, dim) in x's dtype, new conv_state like conv_state). No gradients (inference)."""
     batch, dim = x.shape
     width = weight.shape[-1]
-    weight = weight.reshape(dim, width)
+    weight = weight.reshape(dim, width).contiguous()
     out = torch.empty_like(x)
     new_state = torch.empty_like(conv_state)
     block_d = 64
