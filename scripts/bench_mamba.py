@@ -20,6 +20,7 @@ machines). Speed targets live here, not in tests.
 
     python scripts/bench_mamba.py --parts CB --peers .peers --json $OUT/bench_mamba.json --record mamba_lm.json
     python scripts/bench_mamba.py --parts P --profile-config 34M --peers .peers     # where the step's time goes
+    python scripts/bench_mamba.py --parts S        # the scan's bf16 launch configurations at the LM shapes
 """
 
 from __future__ import annotations
@@ -295,6 +296,41 @@ def part_c(mamba_ssm, batches, new=512, d_model=768, n_layer=24) -> list[dict]:
     return rows
 
 
+def part_s(shapes=((8, 512, 16, 8192), (16, 1024, 16, 1024), (8, 1536, 16, 2048)), dt_rank=48) -> list[dict]:
+    """The scan's launch configurations at the LM configs' scan shapes (bf16), forward and backward timed apart,
+    inputs in the fused mixer's (dim, batch, L) layout with B and C slices of one x_dbl."""
+    import math
+
+    import triton
+
+    from ssmlm.ops import triton_scan as ts
+
+    base, saved, rows = ts.DEFAULT_CONFIGS[torch.bfloat16], ts.CONFIG, []
+    variants = [{}, dict(fwd_block_d=8), dict(fwd_block_d=8, fwd_warps=2), dict(fwd_block_d=4, fwd_warps=2),
+                dict(fwd_block_d=4, fwd_warps=1), dict(fwd_block_d=16, fwd_warps=4), dict(bwd_block_d=2)]
+    for batch, dim, N, L in shapes:
+        def dim_major(scale=1.0):
+            return (scale * torch.randn(dim, batch, L, device="cuda")).bfloat16().permute(1, 0, 2)
+
+        x_dbl = torch.randn(dt_rank + 2 * N, batch * L, device="cuda").bfloat16()
+        B, C = (x_dbl[dt_rank + i * N:dt_rank + (i + 1) * N].view(N, batch, L).permute(1, 0, 2) for i in range(2))
+        A = -torch.arange(1, N + 1, device="cuda", dtype=torch.float32).repeat(dim, 1)
+        dt = torch.exp(torch.rand(dim, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        args = (dim_major(), dim_major(0.5), A, B, C, torch.ones(dim, device="cuda"), dim_major(),
+                dt + torch.log(-torch.expm1(-dt)), True)
+        dy = dim_major()
+        for v in variants:
+            ts.CONFIG = ts.ScanConfig(**{**base.__dict__, **v})
+            _, states = ts.scan_forward(*args)
+            fwd = triton.testing.do_bench(lambda: ts.scan_forward(*args), warmup=25, rep=150, return_mode="median")
+            bwd = triton.testing.do_bench(lambda: ts.scan_backward(*args, states, dy), warmup=25, rep=150,
+                                          return_mode="median")
+            rows.append(dict(shape=[batch, dim, N, L], variant=v, fwd_ms=round(fwd, 3), bwd_ms=round(bwd, 3)))
+            print(json.dumps(rows[-1]), flush=True)
+    ts.CONFIG = saved
+    return rows
+
+
 def summary(result) -> None:
     print("\n# training step (bf16 autocast): tokens/s, peak GiB; ratio to mamba_ssm")
     by_config = {}
@@ -378,6 +414,8 @@ def main():
             result["lm_train"] = part_b(args.kinds, mamba_ssm, args.steps, args.configs, args.rounds)
         elif part == "P":
             result["profile"] = part_p(mamba_ssm, args.profile_config)
+        elif part == "S":
+            result["scan_configs"] = part_s()
         elif part == "C":
             result["decode"] = part_c(mamba_ssm, args.decode_batches)
         print(f"# part {part} took {time.time() - t0:.0f} s", flush=True)
