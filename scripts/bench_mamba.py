@@ -249,6 +249,17 @@ def decode_ssmlm(m, batch, mode, new, weights):
     return batch * new / (time.perf_counter() - t0)
 
 
+def measure_row(rows: list, row: dict, measure) -> None:
+    """row updated with measure()'s fields (or the error it raised), printed and appended to rows."""
+    try:
+        row.update(measure())
+    except Exception as e:
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+
+
 def part_c(mamba_ssm, batches, new=512, d_model=768, n_layer=24) -> list[dict]:
     rows = []
     for batch in batches:
@@ -260,37 +271,28 @@ def part_c(mamba_ssm, batches, new=512, d_model=768, n_layer=24) -> list[dict]:
             for mode in ("eager", "graph"):
                 row = dict(batch=batch, model=f"ssmlm[{mode}] {weights} weights"
                            + (" bf16 autocast" if weights == "fp32" else ""))
-                try:
-                    row["tok_per_s"] = round(decode_ssmlm(m, batch, mode, new, weights), 1)
-                except Exception as e:
-                    traceback.print_exc()
-                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                measure_row(rows, row, lambda: {"tok_per_s": round(decode_ssmlm(m, batch, mode, new, weights), 1)})
         del m
         if mamba_ssm is None:
             continue
         torch.manual_seed(0)
         m = mamba_ssm(d_model, n_layer).eval().to(torch.bfloat16)
         prompt = torch.randint(0, VOCAB, (batch, 128), device="cuda")
+
+        def generate_speed(cg):
+            m.generate(prompt, max_length=128 + 16, cg=cg)
+            seconds = {}
+            for n in (1, new):  # prefill + 1 token, prefill + new tokens: the difference is decoding alone
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                m.generate(prompt, max_length=128 + n, cg=cg)
+                torch.cuda.synchronize()
+                seconds[n] = time.perf_counter() - t0
+            return {"tok_per_s_with_prefill": round(batch * new / seconds[new], 1),  # peer_bench's number
+                    "tok_per_s": round(batch * (new - 1) / (seconds[new] - seconds[1]), 1)}
+
         for cg in (False, True):
-            row = dict(batch=batch, model=f"mamba_ssm[cg={cg}] bf16 weights")
-            try:
-                m.generate(prompt, max_length=128 + 16, cg=cg)
-                seconds = {}
-                for n in (1, new):  # prefill + 1 token, prefill + new tokens: the difference is decoding alone
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    m.generate(prompt, max_length=128 + n, cg=cg)
-                    torch.cuda.synchronize()
-                    seconds[n] = time.perf_counter() - t0
-                row["tok_per_s_with_prefill"] = round(batch * new / seconds[new], 1)  # peer_bench's number
-                row["tok_per_s"] = round(batch * (new - 1) / (seconds[new] - seconds[1]), 1)
-            except Exception as e:
-                traceback.print_exc()
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            measure_row(rows, dict(batch=batch, model=f"mamba_ssm[cg={cg}] bf16 weights"), lambda: generate_speed(cg))
         del m
         torch.cuda.empty_cache()
     return rows

@@ -9,18 +9,13 @@ the kernels are defined), so CI checks the kernels' logic too.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parents[1]
+from triton_interpreter import run_in_interpreter  # noqa: E402
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
 
 
@@ -272,7 +267,6 @@ def test_lm_fused_vs_unfused_gpu(autocast):
     check_lm_fused_vs_unfused("cuda", autocast)
 
 
-gpu = [pytest.mark.gpu, needs_cuda]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -354,17 +348,7 @@ def test_mixer_step_gpu():
 
 # ------------------------------------------------------------------------------------------- CPU (interpreter)
 
-INTERPRETER_SCRIPT = textwrap.dedent("""
-    import os, sys
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton.runtime.interpreter as interpreter
-    # Triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.4 refuses.
-    _patch = interpreter._patch_lang_tensor
-    def _patch_lang_tensor(tensor, scope):
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    interpreter._patch_lang_tensor = _patch_lang_tensor
-    sys.path.insert(0, sys.argv[1])
+INTERPRETER_SCRIPT = """
     import torch
     import ssmlm.ops.causal_conv1d as cc
     import ssmlm.ops.triton_scan as ts
@@ -385,12 +369,10 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         t.check_state_update(2, 6, 4, torch.float32, "cpu")
         t.check_mixer_step(2, 8, 4, 3, "cpu")
     print("ok")
-""")
+"""
 
 
 @pytest.mark.parametrize("which", ["conv", "norm", "mixer"])
 def test_kernels_in_triton_interpreter(which):
     """Small cases on the CPU: partial tiles, L=1, strided inputs, with and without bias / residual."""
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, str(REPO), which], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    run_in_interpreter(INTERPRETER_SCRIPT, which)
