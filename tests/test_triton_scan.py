@@ -7,18 +7,12 @@ kernels are defined), so CI checks the kernel logic too.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
 from ssmlm.ops.scan_ref import selective_scan_ref
+from triton_interpreter import run_in_interpreter
 
-REPO = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
 
 
@@ -158,17 +152,7 @@ def test_launch_configs_agree():
         ts.CONFIG = default
 
 
-INTERPRETER_SCRIPT = textwrap.dedent("""
-    import os, sys
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton.runtime.interpreter as interpreter
-    # Triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.4 refuses.
-    _patch = interpreter._patch_lang_tensor
-    def _patch_lang_tensor(tensor, scope):
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    interpreter._patch_lang_tensor = _patch_lang_tensor
-    sys.path.insert(0, sys.argv[1])
+INTERPRETER_SCRIPT = """
     import torch
     import ssmlm.ops.triton_scan as ts
     from tests.test_triton_scan import assert_matches, make_inputs
@@ -176,12 +160,10 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     inputs = make_inputs(1, 3, 2, 13, variable_C=False, with_initial=True)
     assert_matches(ts.selective_scan_triton, inputs, True, True, torch.float32)
     print("ok")
-""")
+"""
 
 
 def test_kernels_in_triton_interpreter():
     """Tiny case on the CPU: a chunk boundary, a partial chunk, a partial channel block, fixed C, all options."""
     pytest.importorskip("triton")
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, str(REPO)], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    run_in_interpreter(INTERPRETER_SCRIPT)

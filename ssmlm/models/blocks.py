@@ -28,8 +28,25 @@ from torch import nn
 
 from ssmlm.errors import ConfigError
 from ssmlm.models.base import LanguageModel, set_optim
+from ssmlm.ops.selective_scan import resolve_backend
 
-NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameters) computed in one pass by the Triton kernel (ssmlm.ops.rms_norm) where the
+    Triton kernels run, with its output in the autocast dtype as the next matmul reads it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if resolve_backend("auto", x.device) != "triton":
+            return super().forward(x)
+        from ssmlm.ops.rms_norm import add_rms_norm  # here: Triton is optional
+
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return add_rms_norm(x, self.weight, eps=eps, out_dtype=dtype)[0]
+
+
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}
 RESIDUAL_GATES = ("none", "scalar", "channel")
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from ssmlm.errors import ConfigError
 from ssmlm.models.blocks import BackboneLM, Mixer, SequenceLayer
 from ssmlm.models.cores import init_selective_dynamics, selective_projections, selective_step
-from ssmlm.ops.selective_scan import check_backend, selective_scan
+from ssmlm.ops.selective_scan import check_backend, resolve_backend, selective_scan
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
@@ -63,8 +63,17 @@ class MambaMixer(Mixer):
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.activation](x)
 
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether the fused Triton mixer (ssmlm.ops.mamba_inner) runs: wherever the Triton scan does, for the
+        plain mixer (SiLU, no projection biases); the PyTorch path around the scan otherwise."""
+        return (self.activation == "silu" and self.in_proj.bias is None and self.out_proj.bias is None
+                and resolve_backend(self.scan_backend, x.device) == "triton")
+
     def forward(self, hidden: torch.Tensor, state=None, need_state: bool = True):
         """hidden: (batch, L, d_model); state: (conv_state, ssm_state) or None. Returns (output, next state)."""
+        if state is None and self._fused(hidden):
+            from ssmlm.ops.mamba_inner import mamba_mixer_forward  # here: Triton is optional
+            return mamba_mixer_forward(self, hidden)
         batch = hidden.shape[0]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
         history = (x.new_zeros(batch, self.d_inner, self.d_conv - 1) if state is None
@@ -92,6 +101,9 @@ class MambaMixer(Mixer):
 
     def step(self, hidden: torch.Tensor, state):
         """One token: hidden (batch, d_model) -> (output (batch, d_model), next state)."""
+        if self._fused(hidden):
+            from ssmlm.ops.mamba_inner import mamba_mixer_step
+            return mamba_mixer_step(self, hidden, state)
         conv_state, ssm_state = state
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, d_inner) each
         window = torch.cat([conv_state.to(x.dtype), x[..., None]], dim=-1)  # the last d_conv inputs

@@ -46,8 +46,10 @@ class ScanConfig:
     bc_partial: bool = False  # dB/dC over channels: per-program partial sums + torch.sum instead of atomics
 
 
-# Half precision loads 8 steps per vector, so it prefers longer chunks.
-_HALF = ScanConfig(t_chunk=64, bwd_unroll=1, bwd_maxnreg=168)
+# Half precision loads 8 steps per vector, so it prefers longer chunks. Forward programs of 4 channels and one
+# warp: 7-11% faster forwards than 16 channels / 4 warps at the Mamba LM benchmark's shapes on the H200
+# (docs/kernels.md, "Forward launch configuration in bf16").
+_HALF = ScanConfig(t_chunk=64, fwd_block_d=4, fwd_warps=1, bwd_unroll=1, bwd_maxnreg=168)
 DEFAULT_CONFIGS = {torch.float32: ScanConfig(), torch.bfloat16: _HALF, torch.float16: _HALF}
 CONFIG: ScanConfig | None = None  # set to force one configuration whatever the dtype (benchmarks, tests)
 
@@ -93,7 +95,7 @@ def _load_delta(delta_ptr, bias, t, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
     dim, L, n_chunks,
-    stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_z_b, stride_z_d,
+    stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_z_b, stride_z_d, stride_y_b, stride_y_d,
     stride_A_d, stride_A_n, stride_B_0, stride_B_1, stride_B_l, stride_C_0, stride_C_1, stride_C_l,
     N: tl.constexpr, BLOCK_D: tl.constexpr, T_CHUNK: tl.constexpr,
     B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
@@ -108,7 +110,7 @@ def _scan_fwd_kernel(
 
     u_rows = u_ptr + batch * stride_u_b + channels[:, None] * stride_u_d
     delta_rows = delta_ptr + batch * stride_delta_b + channels[:, None] * stride_delta_d
-    y_rows = y_ptr + (batch * dim + channels[:, None]) * L
+    y_rows = y_ptr + batch * stride_y_b + channels[:, None] * stride_y_d
     A_col = A_ptr + channels * stride_A_d
     B_base = B_ptr + batch * stride_B_0 if B_VARIABLE else B_ptr + channels * stride_B_0
     C_base = C_ptr + batch * stride_C_0 if C_VARIABLE else C_ptr + channels * stride_C_0
@@ -155,14 +157,15 @@ def _scan_fwd_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, C_rev_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, carry_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, y_out_ptr,
     dim, L, n_chunks,
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_z_b, stride_z_d, stride_dout_b, stride_dout_d,
+    stride_du_b, stride_du_d, stride_ddelta_b, stride_ddelta_d, stride_dz_b, stride_dz_d, stride_yo_b, stride_yo_d,
     stride_A_d, stride_A_n, stride_B_0, stride_B_1, stride_B_l, stride_C_0, stride_C_1, stride_C_l,
     N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, T_CHUNK: tl.constexpr,
     B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_PARTIAL: tl.constexpr, STAGES: tl.constexpr,
-    UNROLL: tl.constexpr,
+    UNROLL: tl.constexpr, Y_OUT: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -176,7 +179,9 @@ def _scan_bwd_kernel(
     delta_rows = delta_ptr + batch * stride_delta_b + channels[:, None] * stride_delta_d
     dout_rows = dout_ptr + batch * stride_dout_b + channels[:, None] * stride_dout_d
     z_rows = z_ptr + batch * stride_z_b + channels[:, None] * stride_z_d
-    grad_rows = (batch * dim + channels[:, None]) * L
+    du_rows = du_ptr + batch * stride_du_b + channels[:, None] * stride_du_d
+    ddelta_rows = ddelta_ptr + batch * stride_ddelta_b + channels[:, None] * stride_ddelta_d
+    dz_rows = dz_ptr + batch * stride_dz_b + channels[:, None] * stride_dz_d
     A_col = A_ptr + channels * stride_A_d
     B_base = B_ptr + batch * stride_B_0 if B_VARIABLE else B_ptr + channels * stride_B_0
     C_base = C_ptr + batch * stride_C_0 if C_VARIABLE else C_ptr + channels * stride_C_0
@@ -277,15 +282,18 @@ def _scan_bwd_kernel(
             dout = tl.load(dout_rows + t[None, :], mask=mask, other=0.0).to(tl.float32)
             z = tl.load(z_rows + t[None, :], mask=mask, other=0.0).to(tl.float32)
             sig_z = _sigmoid(z)
-            tl.store(dz_ptr + grad_rows + t[None, :], dout * y * sig_z * (1.0 + z * (1.0 - sig_z)), mask=mask)
+            tl.store(dz_rows + t[None, :], dout * y * sig_z * (1.0 + z * (1.0 - sig_z)), mask=mask)
+            if Y_OUT:  # the forward's gated output, recomputed: a caller need not keep it for its own backward
+                tl.store(y_out_ptr + batch * stride_yo_b + channels[:, None] * stride_yo_d + t[None, :],
+                         y * z * sig_z, mask=mask)
         if SOFTPLUS:
             dt_raw, _ = _load_delta(delta_rows, bias, t[None, :], mask, HAS_BIAS, False)
             ddt = tl.where(dt_raw > 20.0, ddt, ddt * _sigmoid(dt_raw))
         ddt = tl.where(mask, ddt, 0.0)
         if HAS_BIAS:
             dbias += tl.sum(ddt, axis=1)
-        tl.store(du_ptr + grad_rows + t[None, :], du, mask=mask)
-        tl.store(ddelta_ptr + grad_rows + t[None, :], ddt, mask=mask)
+        tl.store(du_rows + t[None, :], du, mask=mask)
+        tl.store(ddelta_rows + t[None, :], ddt, mask=mask)
     per_channel = channel_mask[:, None] & (states_col < N)
     per_channel_offsets = channels[:, None] * N + states_col
     tl.atomic_add(dA_ptr + per_channel_offsets, dA, mask=per_channel, sem="relaxed")
@@ -316,90 +324,128 @@ def _chunk_reversed(x, t_chunk):
     return padded.view(*x.shape[:-1], n_chunks, t_chunk).flip(-1).reshape(*x.shape[:-1], n_chunks * t_chunk)
 
 
+def _strides2(x):
+    # (batch, channel) strides of an optional (batch, dim, L) tensor
+    return (x.stride(0), x.stride(1)) if x is not None else (0, 0)
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state=None, y=None):
+    """Launch the forward kernel. Returns (y, chunk_states); chunk_states[:, -1] is the final state.
+
+    ``y``: an optional (batch, dim, L) output buffer with unit time stride and any batch/channel strides
+    (e.g. a (dim, batch, L) layout that a following matmul reads as a plain matrix).
+    """
+    if A.is_complex():
+        raise ValueError("selective_scan_triton supports real A only")
+    u, delta, z = _time_contiguous(u), _time_contiguous(delta), _time_contiguous(z)
+    B, C = _time_contiguous(B), _time_contiguous(C)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    cfg = config_for(u.dtype)
+    n_chunks = triton.cdiv(L, cfg.t_chunk)
+    # Entry state of every chunk, and the final state in the last slot.
+    chunk_states = torch.empty(batch, n_chunks + 1, dim, N, device=u.device, dtype=torch.float32)
+    if initial_state is None:
+        chunk_states[:, 0].zero_()
+    else:
+        chunk_states[:, 0].copy_(initial_state)
+    if y is None:
+        y = torch.empty(batch, dim, L, device=u.device, dtype=u.dtype)
+    assert y.stride(-1) == 1 and y.shape == u.shape
+    grid = (triton.cdiv(dim, cfg.fwd_block_d), batch)
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+        delta_bias if delta_bias is not None else u, y, chunk_states,
+        dim, L, n_chunks,
+        *_strides2(u), *_strides2(delta), *_strides2(z), *_strides2(y),
+        A.stride(0), A.stride(1), *_bc_strides(B), *_bc_strides(C),
+        N=N, BLOCK_D=cfg.fwd_block_d, T_CHUNK=cfg.t_chunk, B_VARIABLE=B.dim() == 3, C_VARIABLE=C.dim() == 3,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), STAGES=cfg.fwd_stages, UNROLL=cfg.fwd_unroll, num_warps=cfg.fwd_warps,
+        **({"maxnreg": cfg.fwd_maxnreg} if cfg.fwd_maxnreg else {}),
+    )
+    return y, chunk_states
+
+
+def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dy, dlast_state=None,
+                  du=None, ddelta=None, dz=None, y_gated=None):
+    """Launch the backward kernel. Returns fp32 (dA, dB, dC, dD, dbias) and the adjoint carry (its slot 0 is
+    the adjoint of the first step); du, ddelta, dz are written into the given buffers (allocated when None)
+    and returned first: ``(du, ddelta, dz, dA, dB, dC, dD, dbias, adjoint_carry)``.
+
+    ``y_gated``: an optional (batch, dim, L) buffer (unit time stride) that receives the forward's output
+    ``y * silu(z)`` recomputed on the way (needs z), so a caller can drop it after the forward.
+    """
+    u, delta, z = _time_contiguous(u), _time_contiguous(delta), _time_contiguous(z)
+    B, C = _time_contiguous(B), _time_contiguous(C)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    cfg = config_for(u.dtype)
+    n_chunks = chunk_states.shape[1] - 1
+    assert n_chunks == triton.cdiv(L, cfg.t_chunk), "chunk_states from another launch configuration"
+    n_programs = triton.cdiv(dim, cfg.bwd_block_d)
+    dout = _time_contiguous(dy)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du = torch.empty(batch, dim, L, device=u.device, dtype=u.dtype) if du is None else du
+    ddelta = torch.empty(batch, dim, L, device=u.device, dtype=delta.dtype) if ddelta is None else ddelta
+    if z is not None and dz is None:
+        dz = torch.empty(batch, dim, L, device=u.device, dtype=z.dtype)
+    for out in (du, ddelta, dz, y_gated):
+        assert out is None or (out.stride(-1) == 1 and out.shape == u.shape)
+    if y_gated is not None and z is None:
+        raise ValueError("y_gated needs z")
+    dA = torch.zeros(dim, N, **f32)
+    # Input-dependent dB/dC are sums over channels: atomics into (batch, N, L), or one partial per program.
+    bc_partial = cfg.bc_partial
+    partial_shape = (batch, n_programs, N, L)
+    dB = torch.empty(partial_shape, **f32) if B.dim() == 3 and bc_partial else torch.zeros(B.shape, **f32)
+    dC = torch.empty(partial_shape, **f32) if C.dim() == 3 and bc_partial else torch.zeros(C.shape, **f32)
+    dD = torch.zeros(dim, **f32) if D is not None else None
+    dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
+    # The adjoint scan reads C right to left within each chunk; a reversed copy keeps those loads vectorised.
+    C_rev = _chunk_reversed(C, cfg.t_chunk) if C.dim() == 3 else C
+    # Two (dim, N) slots per batch row: the chunk being processed reads one and writes the other.
+    adjoint_carry = torch.zeros(batch, 2, dim, N, **f32)
+    if dlast_state is not None:
+        adjoint_carry[:, n_chunks % 2].copy_(dlast_state)
+    _scan_bwd_kernel[(n_programs, batch)](
+        u, delta, A, B, C, C_rev, D if D is not None else u, z if z is not None else u,
+        delta_bias if delta_bias is not None else u, dout, chunk_states, adjoint_carry,
+        du, ddelta, dz if dz is not None else du, dA, dB, dC,
+        dD if dD is not None else dA, dbias if dbias is not None else dA, y_gated if y_gated is not None else du,
+        dim, L, n_chunks,
+        *_strides2(u), *_strides2(delta), *_strides2(z), *_strides2(dout),
+        *_strides2(du), *_strides2(ddelta), *_strides2(dz), *_strides2(y_gated),
+        A.stride(0), A.stride(1), *_bc_strides(B), *_bc_strides(C),
+        N=N, N_POW2=triton.next_power_of_2(N), BLOCK_D=cfg.bwd_block_d, T_CHUNK=cfg.t_chunk,
+        B_VARIABLE=B.dim() == 3, C_VARIABLE=C.dim() == 3,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), BC_PARTIAL=bc_partial, STAGES=cfg.bwd_stages, UNROLL=cfg.bwd_unroll,
+        Y_OUT=y_gated is not None,
+        num_warps=cfg.bwd_warps, **({"maxnreg": cfg.bwd_maxnreg} if cfg.bwd_maxnreg else {}),
+    )
+    if bc_partial:
+        dB = dB.sum(1) if B.dim() == 3 else dB
+        dC = dC.sum(1) if C.dim() == 3 else dC
+    return du, ddelta, dz, dA, dB, dC, dD, dbias, adjoint_carry
+
+
 class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state):
-        if A.is_complex():
-            raise ValueError("selective_scan_triton supports real A only")
-        u, delta, z = _time_contiguous(u), _time_contiguous(delta), _time_contiguous(z)
-        B, C = _time_contiguous(B), _time_contiguous(C)
-        batch, dim, L = u.shape
-        N = A.shape[1]
-        cfg = ctx.config = config_for(u.dtype)
-        n_chunks = triton.cdiv(L, cfg.t_chunk)
-        # Entry state of every chunk, and the final state in the last slot.
-        chunk_states = torch.empty(batch, n_chunks + 1, dim, N, device=u.device, dtype=torch.float32)
-        if initial_state is None:
-            chunk_states[:, 0].zero_()
-        else:
-            chunk_states[:, 0].copy_(initial_state)
-        y = torch.empty(batch, dim, L, device=u.device, dtype=u.dtype)
-        grid = (triton.cdiv(dim, cfg.fwd_block_d), batch)
-        _scan_fwd_kernel[grid](
-            u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, y, chunk_states,
-            dim, L, n_chunks,
-            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
-            z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-            A.stride(0), A.stride(1), *_bc_strides(B), *_bc_strides(C),
-            N=N, BLOCK_D=cfg.fwd_block_d, T_CHUNK=cfg.t_chunk, B_VARIABLE=B.dim() == 3, C_VARIABLE=C.dim() == 3,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), STAGES=cfg.fwd_stages, UNROLL=cfg.fwd_unroll, num_warps=cfg.fwd_warps,
-            **({"maxnreg": cfg.fwd_maxnreg} if cfg.fwd_maxnreg else {}),
-        )
+        y, chunk_states = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
         if not return_last_state:
             return y
-        return y, chunk_states[:, n_chunks].clone()
+        return y, chunk_states[:, -1].clone()
 
     @staticmethod
     def backward(ctx, dy, dlast_state=None):
         u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
-        batch, dim, L = u.shape
-        N = A.shape[1]
-        cfg = ctx.config
-        n_chunks = chunk_states.shape[1] - 1
-        n_programs = triton.cdiv(dim, cfg.bwd_block_d)
-        dout = _time_contiguous(dy)
-        f32 = dict(device=u.device, dtype=torch.float32)
-        du = torch.empty(batch, dim, L, device=u.device, dtype=u.dtype)
-        ddelta = torch.empty(batch, dim, L, device=u.device, dtype=delta.dtype)
-        dz = torch.empty(batch, dim, L, device=u.device, dtype=z.dtype) if z is not None else None
-        dA = torch.zeros(dim, N, **f32)
-        # Input-dependent dB/dC are sums over channels: atomics into (batch, N, L), or one partial per program.
-        bc_partial = cfg.bc_partial
-        partial_shape = (batch, n_programs, N, L)
-        dB = torch.empty(partial_shape, **f32) if B.dim() == 3 and bc_partial else torch.zeros(B.shape, **f32)
-        dC = torch.empty(partial_shape, **f32) if C.dim() == 3 and bc_partial else torch.zeros(C.shape, **f32)
-        dD = torch.zeros(dim, **f32) if D is not None else None
-        dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
-        # The adjoint scan reads C right to left within each chunk; a reversed copy keeps those loads vectorised.
-        C_rev = _chunk_reversed(C, cfg.t_chunk) if C.dim() == 3 else C
-        # Two (dim, N) slots per batch row: the chunk being processed reads one and writes the other.
-        adjoint_carry = torch.zeros(batch, 2, dim, N, **f32)
-        if dlast_state is not None:
-            adjoint_carry[:, n_chunks % 2].copy_(dlast_state)
-        _scan_bwd_kernel[(n_programs, batch)](
-            u, delta, A, B, C, C_rev, D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, dout, chunk_states, adjoint_carry,
-            du, ddelta, dz if dz is not None else du, dA, dB, dC,
-            dD if dD is not None else dA, dbias if dbias is not None else dA,
-            dim, L, n_chunks,
-            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
-            z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-            dout.stride(0), dout.stride(1),
-            A.stride(0), A.stride(1), *_bc_strides(B), *_bc_strides(C),
-            N=N, N_POW2=triton.next_power_of_2(N), BLOCK_D=cfg.bwd_block_d, T_CHUNK=cfg.t_chunk,
-            B_VARIABLE=B.dim() == 3, C_VARIABLE=C.dim() == 3,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.delta_softplus, BC_PARTIAL=bc_partial, STAGES=cfg.bwd_stages, UNROLL=cfg.bwd_unroll,
-            num_warps=cfg.bwd_warps, **({"maxnreg": cfg.bwd_maxnreg} if cfg.bwd_maxnreg else {}),
-        )
-        if bc_partial:
-            dB = dB.sum(1) if B.dim() == 3 else dB
-            dC = dC.sum(1) if C.dim() == 3 else dC
+        du, ddelta, dz, dA, dB, dC, dD, dbias, adjoint_carry = scan_backward(
+            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, dy, dlast_state)
         d_initial = None
         if ctx.initial_state_dtype is not None:  # a_0 h_0, with h_0 the adjoint of the first step (slot 0)
             dt0 = delta[:, :, 0].float() + (delta_bias.float() if delta_bias is not None else 0.0)
