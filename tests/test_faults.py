@@ -229,9 +229,20 @@ def test_kill_during_the_test_tests_on_rerun(reference, data, tmp_path):
     time.sleep(0.1)
     kill(proc)
     assert not (run / "DONE").exists() and not (run / "results.json").exists(), "the kill missed the test"
+    damaged = shutil.copytree(run, tmp_path / "damaged" / "run")
     proc = train_cli(run, data)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_as_uninterrupted(run, reference)
+
+    # the same moment, and the best checkpoint damaged too: the next best verified one is tested
+    ranked = rd.RunDir(damaged).ranked_checkpoints()
+    corrupt(ranked[0][0], 1)
+    proc = train_cli(damaged, data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((damaged / "results.json").read_text())
+    assert results["best_checkpoint"] == str(ranked[1][0]) and results["best_val_ppl"] == ranked[1][1]
+    assert ranked[0][0].with_name(ranked[0][0].name + ".unreadable").exists()
+    assert "testing the next best checkpoint" in (damaged / "train.log").read_text()
 
 
 # --- damaged checkpoints ---------------------------------------------------------------------------------------
