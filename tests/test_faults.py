@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -354,18 +355,24 @@ def test_changed_vocabulary_file_is_refused_unless_forced(reference, data, tmp_p
 
 
 # --- a full disk ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
+@contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted at ``folder`` for the test (root only; the test is skipped elsewhere)."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        yield mount
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(mount)])
+        subprocess.run(["umount", "-l", str(folder)])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    with tmpfs(tmp_path / "disk", "size=4m") as mount:
+        yield mount
 
 
 def test_full_disk_stops_with_one_line_and_resumes_when_freed(small_disk, reference, data):
@@ -427,14 +434,6 @@ def test_bad_values_exit_2_with_one_line_naming_the_key(data, tmp_path, referenc
 
 
 def test_read_only_run_dir_is_one_line(data, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount:
         proc = train_cli(mount / "run", data)
         assert_failed_cleanly(proc, "cannot write", str(mount), "hydra.run.dir")
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])
