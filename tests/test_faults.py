@@ -274,7 +274,8 @@ def test_damaged_checkpoint_is_never_loaded_and_kept_aside(target, killed_mid_ep
     proc = train_cli(run, data)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (run / "train.log").read_text()
-    assert damaged in log and why in log, log[-3000:] + (f"\n(seed {seed}, offset {offset})" if damaged == target else "")
+    where = f"\n(seed {seed}, offset {offset})" if damaged == target else ""
+    assert damaged in log and why in log, log[-3000:] + where
     assert (ckpts / f"{damaged}.unreadable").exists(), "the damaged file was not kept aside"
     if damaged == "last.ckpt":
         assert "resuming from" in log and "last.prev.ckpt" in log
