@@ -60,7 +60,7 @@ def bench_parallel_vs_loop(device, seq_lens, batch, repeats, loop_max_len):
             if backend == "ref" and L > loop_max_len:
                 continue
             for block in model.blocks:
-                block.mixer.ssm.backend = backend
+                block.mixer.backend = backend
             row[f"{backend}_ms"] = 1e3 * timed(fwd_bwd, device, repeats if backend == "fft" else 1)
         if "ref_ms" in row:
             row["speedup"] = row["ref_ms"] / row["fft_ms"]

@@ -298,63 +298,55 @@ class CellStatus:
 
 
 # --- the lock -----------------------------------------------------------------------------------------------
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextmanager
 def run_lock(folder: Path, rank: int = 0) -> Iterator[None]:
     """Holds ``run.lock`` of ``folder`` (fcntl, exclusive) while training: a second process on the same run dir
-    is refused with the holder's host, PID and start time. The kernel drops the lock when the holder dies (kill -9,
-    a requeued SLURM job's old allocation), so a relaunch takes over. DDP ranks other than 0 run under rank 0's
-    lock. A lock file naming a dead PID on this host whose lock is still held (a lock server that kept a dead
-    client's lock) is replaced by a fresh one."""
+    is refused with the holder's host, PID and start time. The kernel drops the lock when its holder dies (kill -9,
+    the old allocation of a requeued SLURM job), so a relaunch takes the run over; the file is never removed, as
+    removing it would let two processes lock two different files. DDP ranks other than 0 run under rank 0's lock."""
     if rank != 0:
         yield
         return
     path = folder / LOCK_FILE
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise write_error(path, e) from e
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
             raise write_error(path, e) from e
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise write_error(path, e) from e
-            holder = _read_holder(path)
-            stale = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-                and not _alive(holder["pid"])
-            if stale and attempt == 0:
-                log.warning("%s names process %s, which is gone; taking the run over", path, holder["pid"])
-                path.unlink(missing_ok=True)
-                continue
-            who = (f"process {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')}"
-                   f"{', SLURM job ' + holder['job'] if holder.get('job') else ''})") if holder else "another process"
-            raise RunDirError(f"{folder} is in use by {who}: only one process may train a run dir. Wait for it to "
-                              f"finish (or stop it), or use another run dir (hydra.run.dir=...).") from None
+        holder = _read_holder(path)
+        who = (f"process {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')}"
+               f"{', SLURM job ' + holder['job'] if holder.get('job') else ''})") if holder else "another process"
+        raise RunDirError(f"{folder} is in use by {who}: only one process may train a run dir. Wait for it to "
+                          f"finish (or stop it), or use another run dir (hydra.run.dir=...).") from None
+    # read through the locked descriptor: closing any other descriptor of the file would drop a POSIX lock
+    previous = _parse_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+    if previous.get("pid") not in (None, os.getpid()):
+        log.info("taking over %s from process %s on %s, which is gone", folder, previous["pid"], previous.get("host"))
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now(), "job": slurm.job_id()}
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting process)
+        os.close(fd)  # releases the lock
 
 
 def _read_holder(path: Path) -> dict:
     try:
-        holder = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
+        return _parse_holder(path.read_text())
+    except OSError:
+        return {}
+
+
+def _parse_holder(text: str) -> dict:
+    try:
+        holder = json.loads(text or "{}")
+    except ValueError:
         return {}
     return holder if isinstance(holder, dict) else {}
 

@@ -5,9 +5,11 @@
     ssmlm-train -m sweep=grid                     # the reference grid: 4 sizes x 4 context lengths
     ssmlm-train -m sweep=grid hardware=cluster    # the same grid as SLURM jobs (docs/cluster.md)
 
-Running the same command again resumes each unfinished run from <run dir>/checkpoints/last.ckpt (falling back to
-the previous checkpoint if that one cannot be read) and skips finished ones (DONE). Every run keeps status.json
-(ssmlm.sweep); a multirun goes on past a failed cell and prints a summary of its cells at the end.
+Running the same command again resumes each unfinished run from its newest verified checkpoint (last.ckpt, else
+the one before, ...: ssmlm.run_dir) and skips finished ones (DONE). The run dir is locked while it trains, and a
+command whose model, data or vocabulary differ from the run's fingerprint is refused. Every run keeps status.json;
+a multirun goes on past a failed cell and prints a summary of its cells at the end. Errors a user can fix are one
+line and exit status 2 (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -80,8 +82,13 @@ def check_fingerprint(cfg: DictConfig, run: RunDir, recorded: dict | None, curre
     listing the differing keys. Nothing has been written into the run dir when this refuses."""
     if recorded is None or not cfg.resume:
         return
-    comparable = lambda fp: {k: ({kk: vv for kk, vv in v.items() if kk != "mtime_ns"} if isinstance(v, dict)  # noqa
-                                  and k == "train_data" else v) for k, v in fp.items() if k in current}
+    def comparable(fingerprint: dict) -> dict:
+        """The parts known so far; a touched file of the same content is the same data (mtime aside)."""
+        parts = {k: v for k, v in fingerprint.items() if k in current}
+        if isinstance(parts.get("train_data"), dict):
+            parts["train_data"] = {k: v for k, v in parts["train_data"].items() if k != "mtime_ns"}
+        return parts
+
     diffs = differences(comparable(recorded), comparable(current))
     if not diffs:
         return

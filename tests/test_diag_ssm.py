@@ -50,15 +50,15 @@ def test_model_fft_equals_loop_backend_and_step(a_param):
     with torch.no_grad():
         logits = model(tokens)
         for block in model.blocks:
-            block.mixer.ssm.backend = "ref"
+            block.mixer.backend = "ref"
         torch.testing.assert_close(model(tokens), logits, rtol=1e-5, atol=1e-5)
         for block in model.blocks:
-            block.mixer.ssm.backend = "fft"
+            block.mixer.backend = "fft"
 
 
 def test_stable_a_stays_in_unit_interval_and_no_decay_on_dynamics():
     model = DiagSSMLM(vocab_size=10, emb_dim=8, ssm_hidden=8, n_layers=1)
-    ssm = model.blocks[0].mixer.ssm
+    ssm = model.blocks[0].mixer
     with torch.no_grad():
         ssm.a_raw.fill_(50.0)
     a = ssm.a.detach()
@@ -72,7 +72,7 @@ def test_stable_a_gets_an_lr_that_undoes_the_sigmoid_slope():
 
     stable = DiagSSMLM(vocab_size=10, emb_dim=8, ssm_hidden=8, n_layers=1, a_init=0.9)
     groups = build_param_groups(stable, lr=1e-3, weight_decay=0.1)
-    a_group = next(g for g in groups if any(p is stable.blocks[0].mixer.ssm.a_raw for p in g["params"]))
+    a_group = next(g for g in groups if any(p is stable.blocks[0].mixer.a_raw for p in g["params"]))
     assert a_group["lr"] == pytest.approx(1e-3 / (0.9 * 0.1)) and a_group["weight_decay"] == 0.0
     # one Adam-sized step on a_raw then moves a by about the global lr, like the unconstrained reference
     slope = 0.9 * 0.1

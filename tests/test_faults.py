@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -229,9 +230,20 @@ def test_kill_during_the_test_tests_on_rerun(reference, data, tmp_path):
     time.sleep(0.1)
     kill(proc)
     assert not (run / "DONE").exists() and not (run / "results.json").exists(), "the kill missed the test"
+    damaged = shutil.copytree(run, tmp_path / "damaged" / "run")
     proc = train_cli(run, data)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_as_uninterrupted(run, reference)
+
+    # the same moment, and the best checkpoint damaged too: the next best verified one is tested
+    ranked = rd.RunDir(damaged).ranked_checkpoints()
+    corrupt(ranked[0][0], 1)
+    proc = train_cli(damaged, data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((damaged / "results.json").read_text())
+    assert results["best_checkpoint"] == str(ranked[1][0]) and results["best_val_ppl"] == ranked[1][1]
+    assert ranked[0][0].with_name(ranked[0][0].name + ".unreadable").exists()
+    assert "testing the next best checkpoint" in (damaged / "train.log").read_text()
 
 
 # --- damaged checkpoints ---------------------------------------------------------------------------------------
@@ -262,7 +274,8 @@ def test_damaged_checkpoint_is_never_loaded_and_kept_aside(target, killed_mid_ep
     proc = train_cli(run, data)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (run / "train.log").read_text()
-    assert damaged in log and why in log, log[-3000:] + (f"\n(seed {seed}, offset {offset})" if damaged == target else "")
+    where = f"\n(seed {seed}, offset {offset})" if damaged == target else ""
+    assert damaged in log and why in log, log[-3000:] + where
     assert (ckpts / f"{damaged}.unreadable").exists(), "the damaged file was not kept aside"
     if damaged == "last.ckpt":
         assert "resuming from" in log and "last.prev.ckpt" in log
@@ -343,18 +356,24 @@ def test_changed_vocabulary_file_is_refused_unless_forced(reference, data, tmp_p
 
 
 # --- a full disk ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
+@contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted at ``folder`` for the test (root only; the test is skipped elsewhere)."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        yield mount
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(mount)])
+        subprocess.run(["umount", "-l", str(folder)])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    with tmpfs(tmp_path / "disk", "size=4m") as mount:
+        yield mount
 
 
 def test_full_disk_stops_with_one_line_and_resumes_when_freed(small_disk, reference, data):
@@ -416,14 +435,6 @@ def test_bad_values_exit_2_with_one_line_naming_the_key(data, tmp_path, referenc
 
 
 def test_read_only_run_dir_is_one_line(data, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount:
         proc = train_cli(mount / "run", data)
         assert_failed_cleanly(proc, "cannot write", str(mount), "hydra.run.dir")
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])

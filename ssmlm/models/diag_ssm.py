@@ -68,13 +68,13 @@ class RealDiagonalSSM(Mixer):
         return (self.c.float() * state).to(u.dtype), state
 
 
-class DiagSSMMixer(Mixer):
+class DiagSSMMixer(RealDiagonalSSM):
     """The reference layer: in projection (no bias) -> :class:`RealDiagonalSSM` + out_bias -> LayerNorm -> GELU."""
 
     def __init__(self, hidden: int, **ssm_kwargs):
-        super().__init__()
-        self.in_proj = nn.Linear(hidden, hidden, bias=False)
-        self.ssm = RealDiagonalSSM(hidden, **ssm_kwargs)
+        in_proj = nn.Linear(hidden, hidden, bias=False)  # drawn before b and c, as the reference does
+        super().__init__(hidden, **ssm_kwargs)
+        self.in_proj = in_proj
         self.out_bias = nn.Parameter(torch.zeros(hidden))
         self.out_norm = nn.LayerNorm(hidden)
 
@@ -82,14 +82,11 @@ class DiagSSMMixer(Mixer):
         return F.gelu(self.out_norm(y + self.out_bias))
 
     def forward(self, x: torch.Tensor, state=None, need_state: bool = True):
-        y, state = self.ssm(self.in_proj(x), state)
+        y, state = super().forward(self.in_proj(x), state)
         return self._output(y), state
 
-    def allocate_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
-        return self.ssm.allocate_state(batch_size, device, dtype)
-
     def step(self, x: torch.Tensor, state):
-        y, state = self.ssm.step(self.in_proj(x), state)
+        y, state = super().step(self.in_proj(x), state)
         return self._output(y), state
 
 
@@ -98,7 +95,6 @@ class DiagSSMLM(BackboneLM):
 
     # before the mixer contract: blocks.{i}.ssm held the projection, the SSM and out_bias, blocks.{i}.norm the norm
     legacy_names = (r"blocks\.\d+\.ssm\.", (
-        (r"blocks\.(\d+)\.ssm\.(a_raw|b|c)$", r"blocks.\1.mixer.ssm.\2"),
         (r"blocks\.(\d+)\.ssm\.", r"blocks.\1.mixer."),
         (r"blocks\.(\d+)\.norm\.", r"blocks.\1.mixer.out_norm."),
     ))
