@@ -36,11 +36,12 @@ def pytest_unconfigure(config):
 
 
 def reference_presets() -> dict[str, tuple[int, int, int]]:
-    """The reference grid's presets as conf/experiment/ holds them: name -> (emb_dim, hidden, n_layers)."""
+    """The reference grid's presets (the list in conf/sweep/sizes.yaml) as conf/experiment/ holds them:
+    name -> (emb_dim, hidden, n_layers)."""
     presets = {}
-    for path in sorted((CONF_DIR / "experiment").glob("[!_]*.yaml")):
-        size = OmegaConf.load(path).size
-        presets[path.stem] = (size.emb_dim, size.hidden, size.n_layers)
+    for name in OmegaConf.load(CONF_DIR / "sweep" / "sizes.yaml").hydra.sweeper.params.experiment.split(","):
+        size = OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml").size
+        presets[name] = (size.emb_dim, size.hidden, size.n_layers)
     return presets
 
 
