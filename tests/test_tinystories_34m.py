@@ -18,7 +18,7 @@ def test_preset_is_a_34m_byte_level_mamba_on_tinystories(make_cfg):
     assert [cfg.model[k] for k in SWITCHES] == ["none", False, 0.0, "silu"]  # plain Mamba
     net = hydra.utils.instantiate(cfg.model, vocab_size=257)
     assert 33.5e6 < net.num_params() < 34.5e6
-    assert len(net.backbone.layers) == 20 and net.backbone.layers[0].mixer.d_inner == 1024
+    assert len(net.blocks) == 20 and net.blocks[0].mixer.d_inner == 1024
 
 
 def test_variant_sweep_is_every_combination_of_the_four_switches(make_cfg):
@@ -32,6 +32,6 @@ def test_variant_sweep_is_every_combination_of_the_four_switches(make_cfg):
     cfg = make_cfg("experiment=tinystories_34m", "model.residual_gate=channel", "model.head_norm=true",
                    "model.dropout=0.1", "model.activation=gelu")
     net = hydra.utils.instantiate(cfg.model, vocab_size=257)
-    block = net.backbone.layers[0]
+    block = net.blocks[0]
     assert block.residual_gate is not None and block.residual_gate.shape == (512,)
     assert isinstance(net.head_norm, nn.LayerNorm) and block.dropout.p == 0.1 and block.mixer.activation == "gelu"
