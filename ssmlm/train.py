@@ -331,7 +331,7 @@ def _train(cfg: DictConfig, run: RunDir, status: CellStatus, progress: dict) -> 
 def check_splits(datamodule) -> None:
     """Evaluation splits must hold one window of seq_len; all-<unk> text is scored but worth a warning."""
     unk_id = getattr(datamodule.tokenizer, "unk_id", None)
-    for name, split in datamodule.splits.items():
+    for name, split in getattr(datamodule, "splits", {}).items():  # generated tasks (data=synthetic) have none
         if name != "train" and len(split) - 1 < datamodule.seq_len:
             raise DataError(f"data.seq_len={datamodule.seq_len} is longer than the {name} split "
                             f"({datamodule._describe(name)}: {len(split)} tokens). Lower data.seq_len or use a "
