@@ -59,17 +59,17 @@ DIGEST_SUFFIX, SET_ASIDE_SUFFIX = ".sha256", ".unreadable"
 STATUS_FILE, RESULTS_FILE, DONE_FILE, LOCK_FILE = "status.json", "results.json", "DONE", "run.lock"
 VOCAB_FILE, FINGERPRINT_FILE, CONFIG_FILE = "vocab.json", "fingerprint.json", "config.yaml"
 WANDB_ID_FILE, WANDB_STEP_FILE = "wandb_id.txt", "wandb_step.txt"
-# what results.json holds once the run is complete (test_* only when the run tests: test_after_fit)
-RESULT_KEYS = ("global_step", "params", "global_batch", "best_val_ppl")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
 # --- writing ------------------------------------------------------------------------------------------------
-def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], None],
+                 before_rename: Callable[[Path], None] | None = None) -> Path:
     """Writes ``content`` (bytes, text, or a function writing to a binary file) to ``path`` through a temporary
     file beside it, fsynced and renamed over the target: readers see the old file or the new one, never a part.
+    ``before_rename(temporary file)`` runs once the content is on disk, before it takes the name.
 
     A full disk or an unwritable folder is raised as a :class:`RunDirError` naming the file (and the free space)."""
     path = Path(path)
@@ -85,6 +85,8 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], N
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
+        if before_rename is not None:
+            before_rename(Path(tmp))
         os.replace(tmp, path)
     except OSError as e:
         if tmp is not None:
@@ -151,12 +153,33 @@ def digest_file(path: Path) -> Path:
     return path.with_name(path.name + DIGEST_SUFFIX)
 
 
+def accepted_digests(path: Path) -> list[dict]:
+    """The contents ``<name>.sha256`` vouches for: [{"sha256", "bytes"}, ...] (two while a file is replaced)."""
+    recorded = json.loads(digest_file(path).read_text())
+    return recorded["accepted"] if "accepted" in recorded else [recorded]
+
+
+def _digests_or_none(path: Path) -> list[dict]:
+    try:
+        return accepted_digests(path)
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
-    """``torch.save`` atomically, then its digest beside it (``<name>.sha256``), which every load checks."""
+    """``torch.save`` atomically with its digest beside it (``<name>.sha256``), which every load checks. At every
+    moment of the save the digest file vouches for whatever the name holds: it lists the new content's digest
+    next to the old one before the rename, and only the new one after it."""
     path = Path(path)
-    digest_file(path).unlink(missing_ok=True)  # a stale digest must never vouch for the new content
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-    write_json(digest_file(path), {"sha256": file_digest(path), "bytes": path.stat().st_size})
+    new: dict = {}
+
+    def vouch_for_both(tmp: Path) -> None:
+        new.update(sha256=file_digest(tmp), bytes=tmp.stat().st_size)
+        old = _digests_or_none(path) if path.exists() else []
+        write_json(digest_file(path), {"accepted": [new, *old]})
+
+    atomic_write(path, lambda f: torch.save(checkpoint, f), before_rename=vouch_for_both)
+    write_json(digest_file(path), {"accepted": [new]})
     return path
 
 
@@ -167,21 +190,21 @@ def remove_checkpoint(path: str | Path) -> None:
 
 
 def digest_mismatch(path: Path) -> str | None:
-    """Why ``path`` does not match the digest written with it, or None when it does (or has no digest: written
-    by an older ssmlm, or killed between the rename and the digest; then loading it must succeed)."""
+    """Why ``path`` does not match the digest written with it, or None when it does (or has no digest file: a
+    checkpoint of an older ssmlm; then loading it must succeed)."""
     try:
-        recorded = json.loads(digest_file(path).read_text())
+        accepted = accepted_digests(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
         return f"its digest file {digest_file(path).name} is unreadable ({e})"
     try:
         size = path.stat().st_size
     except OSError as e:
         return f"{type(e).__name__}: {e}"
-    if size != recorded.get("bytes"):
-        return f"{size} bytes where {recorded.get('bytes')} were written"
-    if file_digest(path) != recorded.get("sha256"):
+    if size not in [a.get("bytes") for a in accepted]:
+        return f"{size} bytes where {' or '.join(str(a.get('bytes')) for a in accepted)} were written"
+    if file_digest(path) not in [a.get("sha256") for a in accepted]:
         return "its content does not match the sha256 digest written with it (the file was damaged)"
     return None
 
@@ -236,11 +259,16 @@ def rotate_last(checkpoint_dir: Path) -> None:
     previous = checkpoint_dir / PREVIOUS
     if previous.exists() and (why := digest_mismatch(previous)) is not None:
         log.warning("cannot read checkpoint %s (%s); kept as %s", previous, why, set_aside(previous).name)
-    os.replace(last, previous)
-    if digest_file(last).exists():
-        os.replace(digest_file(last), digest_file(previous))
-    else:
+    moving = _digests_or_none(last)
+    if moving:  # vouch for the old and the arriving content first: a kill in between leaves both verifiable
+        write_json(digest_file(previous), {"accepted": [*moving, *(_digests_or_none(previous)
+                                                                  if previous.exists() else [])]})
+    else:  # a checkpoint of an older ssmlm, without digest, becomes last.prev.ckpt
         digest_file(previous).unlink(missing_ok=True)
+    os.replace(last, previous)
+    digest_file(last).unlink(missing_ok=True)
+    if moving:
+        write_json(digest_file(previous), {"accepted": moving})
 
 
 def checkpoint_step(path: Path) -> int:
@@ -469,11 +497,9 @@ class RunDir:
         except (OSError, ValueError):
             return None
 
-    def is_done(self, tested: bool = True) -> bool:
-        """DONE is there and results.json holds every number of a complete run."""
-        results = self.results()
-        keys = RESULT_KEYS + (("test_ppl",) if tested else ())
-        return (self.path / DONE_FILE).exists() and results is not None and all(k in results for k in keys)
+    def is_done(self) -> bool:
+        """DONE is there (written only after the complete results.json: :meth:`finish`) and results.json reads."""
+        return (self.path / DONE_FILE).exists() and self.results() is not None
 
     def finish(self, results: dict) -> None:
         """results.json, then DONE: DONE never exists without the complete results."""

@@ -295,6 +295,9 @@ def _train(cfg: DictConfig, run: RunDir, status: CellStatus, progress: dict) -> 
     status.record("resumed" if resume else "started", step=resume.step if resume else 0, params=params)
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
+    if trainer.interrupted:  # Ctrl-C: Lightning returns from fit, but the run is not done
+        log.warning("interrupted at step %d; the same command resumes it", trainer.global_step)
+        raise SystemExit(130)
     last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
     top_k = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
     validate_last_step(trainer, module, datamodule, last, top_k)

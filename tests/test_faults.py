@@ -438,6 +438,9 @@ def test_bad_values_exit_2_with_one_line_naming_the_key(data, tmp_path, referenc
                                                                                        "val split"]),
         "run dir under a file": ([f"hydra.run.dir={folder / 'a_file' / 'run'}"], ["cannot write", "a_file"]),
         "nan loss": (["optim.lr=1e12", "optim.warmup_steps=0"], ["training loss is nan", "optim.lr"]),
+        "nan loss, skip policy": (["optim.lr=1e12", "optim.warmup_steps=0", "callbacks.nonfinite_loss.policy=skip",
+                                   "callbacks.nonfinite_loss.max_skips=3"], ["after 3 skipped steps in a row"]),
+        "nan loss, bad policy": (["callbacks.nonfinite_loss.policy=ignore"], ["callbacks.nonfinite_loss.policy"]),
         "bad value on a run to resume": (["batch_size=0", f"hydra.run.dir={finished}"], ["batch_size=0"]),
     }
 
