@@ -246,7 +246,7 @@ def _train(cfg: DictConfig, run: RunDir, status: CellStatus, progress: dict) -> 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     # the files actually read: data.*_path, or the built-in / downloaded copy found in its place
-    files = {f"{split}_path": path for split, path in getattr(datamodule, "files", {}).items()}
+    files = {f"{split}_path": path for split, path in datamodule.files.items()}
     fingerprint = {"config": config_fingerprint(cfg),
                    "train_data": data_file_fingerprint(files.get("train_path", cfg.data.get("train_path")),
                                                        "data.train_path", (recorded or {}).get("train_data"))}

@@ -187,6 +187,7 @@ class SyntheticDataModule(L.LightningDataModule):
                  n_memorize: int = 16, n_tokens: int = 16, train_batches: int = 250, eval_samples: int = 1024,
                  num_workers: int = 0, seed: int = 0):
         super().__init__()
+        self.files: dict = {}  # split -> the file read, as the text data modules say: none, the tasks are generated
         if task not in TASKS:
             raise ConfigError(f"data.task={task!r} must be one of {', '.join(TASKS)}")
         for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("n_memorize", n_memorize),
