@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssmlm import slurm
 from ssmlm.conf_dir import config_dir
+from ssmlm.data.files import sha256_of
 from ssmlm.data.tokenizers import tokenizer_from_dict
 from ssmlm.errors import CheckpointError, ConfigError, DataError, RunDirError
 
@@ -141,14 +142,6 @@ def check_writable(folder: Path) -> None:
 
 
 # --- checkpoint integrity -----------------------------------------------------------------------------------
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def digest_file(path: Path) -> Path:
     return path.with_name(path.name + DIGEST_SUFFIX)
 
@@ -174,7 +167,7 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
     new: dict = {}
 
     def vouch_for_both(tmp: Path) -> None:
-        new.update(sha256=file_digest(tmp), bytes=tmp.stat().st_size)
+        new.update(sha256=sha256_of(tmp), bytes=tmp.stat().st_size)
         old = _digests_or_none(path) if path.exists() else []
         write_json(digest_file(path), {"accepted": [new, *old]})
 
@@ -204,7 +197,7 @@ def digest_mismatch(path: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
     if size not in [a.get("bytes") for a in accepted]:
         return f"{size} bytes where {' or '.join(str(a.get('bytes')) for a in accepted)} were written"
-    if file_digest(path) not in [a.get("sha256") for a in accepted]:
+    if sha256_of(path) not in [a.get("sha256") for a in accepted]:
         return "its content does not match the sha256 digest written with it (the file was damaged)"
     return None
 
@@ -395,7 +388,7 @@ def data_file_fingerprint(path: str | Path | None, key: str, recorded: dict | No
     recorded = recorded or {}
     if recorded.get("bytes") == stat.st_size and recorded.get("mtime_ns") == stat.st_mtime_ns:
         return dict(recorded)
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_digest(path)}
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_of(path)}
 
 
 def require_file(path: str | Path | None, key: str) -> Path | None:
