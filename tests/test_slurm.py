@@ -75,12 +75,13 @@ def test_preempted_jobs_come_back_resume_and_finish_then_a_relaunch_skips_them(c
                 if cell in preempted or not status or status["state"] != "started" or step < 10:
                     continue
                 job = status["history"][-1]["job"]
-                if not preempted:  # the pre-timeout signal: checkpoint, then submitit requeues the job
-                    if not wandb_has_rows(cell):  # a loaded machine starts wandb's service late: let it write first
-                        continue
+                sent = {how for _, how, _ in preempted.values()}
+                # the pre-timeout signal: checkpoint, then submitit requeues the job. It reaches wandb's service
+                # too, so it goes to a cell whose wandb run has written rows (a loaded machine starts it late).
+                if "USR2" not in sent and wandb_has_rows(cell):
                     slurm(cluster, "scancel", "--signal=USR2", job)
                     preempted[cell] = (job, "USR2", step)
-                else:  # the scheduler requeues the job: SIGTERM, then the job starts over
+                elif "requeue" not in sent:  # the scheduler requeues the job: SIGTERM, then the job starts over
                     slurm(cluster, "scontrol", "requeue", job)
                     preempted[cell] = (job, "requeue", step)
             for job, _, _ in preempted.values():
