@@ -406,13 +406,18 @@ def tokenizer_digest(tokenizer: dict) -> str:
     return hashlib.sha256(json.dumps(tokenizer, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def sparsity_node(cfg: DictConfig) -> dict | None:
+    """The run's sparsity config as a plain dict (None: none)."""
+    return OmegaConf.to_container(cfg.sparsity, resolve=True) if cfg.get("sparsity") is not None else None
+
+
 def config_fingerprint(cfg: DictConfig) -> dict:
     """The config part of a run's fingerprint: model, sparsity, global batch, seed and the data config without
     its machine-specific keys (paths, workers)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "sparsity": OmegaConf.to_container(cfg.sparsity, resolve=True) if cfg.get("sparsity") is not None else None,
+        "sparsity": sparsity_node(cfg),
         "data": {k: v for k, v in sorted(data.items()) if k not in _DATA_KEYS_OF_THE_MACHINE},
         "data_class": data.get("_target_"),
         "batch_size": cfg.get("batch_size"),

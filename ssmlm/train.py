@@ -40,7 +40,7 @@ from ssmlm.errors import CheckpointError, DataError, SsmlmError, number
 from ssmlm.lm import LMModule
 from ssmlm.run_dir import (FINGERPRINT_FILE, WANDB_ID_FILE, WANDB_STEP_FILE, WRITE_ERRNOS, CellStatus, Resume, RunDir,
                            atomic_write, config_fingerprint, data_file_fingerprint, differences, require_file,
-                           tokenizer_digest, write_error)
+                           sparsity_node, tokenizer_digest, write_error)
 from ssmlm.sparsity import SparsityConfig, callbacks_for, sparsity_report
 
 resolvers.register()
@@ -150,10 +150,6 @@ def check_numbers(cfg: DictConfig) -> None:
     """The top-level numbers train() reads itself (the others are checked by whoever reads them)."""
     number("seed", cfg.seed, minimum=0, integer=True)
     number("batch_size", cfg.batch_size, minimum=1, integer=True)
-
-
-def sparsity_node(cfg: DictConfig) -> dict | None:
-    return OmegaConf.to_container(cfg.sparsity, resolve=True) if cfg.get("sparsity") is not None else None
 
 
 # --- loggers -------------------------------------------------------------------------------------------------
