@@ -258,10 +258,28 @@ def rotate_last(checkpoint_dir: Path) -> None:
                                                                   if previous.exists() else [])]})
     else:  # a checkpoint of an older ssmlm, without digest, becomes last.prev.ckpt
         digest_file(previous).unlink(missing_ok=True)
-    os.replace(last, previous)
-    digest_file(last).unlink(missing_ok=True)
+    if not _link_over(last, previous):  # a filesystem without hard links: last.ckpt is missing until the save
+        os.replace(last, previous)
+        digest_file(last).unlink(missing_ok=True)
     if moving:
         write_json(digest_file(previous), {"accepted": moving})
+
+
+def _link_over(source: Path, target: Path) -> bool:
+    """``target`` becomes a second name of ``source`` in one rename, so ``source`` keeps its name (a kill before
+    the next save still finds last.ckpt); False where the filesystem has no hard links."""
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return False
+        raise write_error(target, e) from e
+    os.replace(tmp, target)
+    for stray in target.parent.glob(f"{target.name}.*.link.tmp"):  # left by a process killed in between
+        stray.unlink(missing_ok=True)
+    return True
 
 
 def checkpoint_step(path: Path) -> int:

@@ -142,3 +142,19 @@ def test_checkpoint_of_another_configuration_is_refused_unless_forced(finished_r
     assert events(copy)[-1] == ("failed", None)
     results = train(make_cfg(*other, "force_resume=true", output_dir=copy))
     assert events(copy)[-2:] == [("resumed", 30), ("done", 40)] and results["global_step"] == 40
+
+
+def test_rotation_keeps_last_checkpoint_in_place_until_the_next_one_replaces_it(tmp_path):
+    """A kill between the rotation and the next save must still find last.ckpt (the resume's first choice)."""
+    from ssmlm import run_dir
+
+    first = {"global_step": 5, "state_dict": {"w": torch.ones(3)}, "hyper_parameters": {}}
+    run_dir.save_checkpoint(first, tmp_path / "last.ckpt")
+    run_dir.rotate_last(tmp_path)
+    for name in ("last.ckpt", "last.prev.ckpt"):  # the moment a kill could land: both there, both verified
+        assert run_dir.is_verified(tmp_path / name), name
+        assert run_dir.read_checkpoint(tmp_path / name)["global_step"] == 5
+    run_dir.save_checkpoint({**first, "global_step": 10}, tmp_path / "last.ckpt")
+    assert run_dir.read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 10
+    assert run_dir.read_checkpoint(tmp_path / "last.prev.ckpt")["global_step"] == 5  # a separate file now
+    assert not list(tmp_path.glob("*.tmp"))
