@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -148,6 +149,10 @@ class LastCheckpoint(Checkpoint):
     ever be unreadable (only a verified last.ckpt replaces it: :func:`ssmlm.run_dir.rotate_last`). Also records the
     training time of the run so far, across restarts, and the last step validated in fit (``validated_step``:
     a run whose final step was never validated is validated before it is tested).
+
+    Lightning logs a step's metrics row just after the ``on_train_batch_end`` hooks that save this checkpoint, so
+    a kill in between would lose that row: the checkpoint carries it (``pending_row``), and the resumed run logs it
+    to each logger that lacks it (``ResumableCSVLogger``: unless the row is there; wandb: unless that step was sent).
     """
 
     FILE, PREVIOUS = run_dir.LAST, run_dir.PREVIOUS
@@ -166,6 +171,8 @@ class LastCheckpoint(Checkpoint):
         self._last_save_time = time.monotonic()
         self._saved_step = -1
         self._seen_step = -1
+        self._pending_row: dict | None = None  # what save() stores: the row Lightning logs just after it
+        self._restored_row: dict | None = None  # the checkpoint's: logged again on resume where it is missing
 
     @property
     def path(self) -> Path:
@@ -176,17 +183,41 @@ class LastCheckpoint(Checkpoint):
         return self.train_time_before + time.monotonic() - self._session_start
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_time_s": self.train_time_s, "validated_step": self.validated_step}
+        return {"train_time_s": self.train_time_s, "validated_step": self.validated_step,
+                "pending_row": self._pending_row}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_time_before = float(state_dict.get("train_time_s", 0.0))
         self.validated_step = int(state_dict.get("validated_step", -1))
+        self._restored_row = state_dict.get("pending_row")
         self._session_start = time.monotonic()
 
     def on_train_start(self, trainer, pl_module):
         self._seen_step = self._saved_step = trainer.global_step
         self._last_save_time = time.monotonic()
         self.stop_signal.install()  # after Lightning's own handlers, which it installs before training starts
+        if self._restored_row is not None:
+            step, metrics = int(self._restored_row["step"]), dict(self._restored_row["metrics"])
+            for logger in trainer.loggers:
+                if isinstance(logger, ResumableCSVLogger) and logger.has_row(step, metrics):
+                    continue  # the killed session wrote it after all
+                logger.log_metrics(metrics, step=step)
+                logger.save()
+            self._restored_row = None
+
+    @staticmethod
+    def _row_logged_after_this_hook(trainer, stopping: bool) -> dict | None:
+        """The step's metrics row exactly as Lightning's logger connector logs it once the on_train_batch_end
+        hooks return (the same metrics, ``epoch`` added, at step ``_batches_that_stepped``), or None when this
+        step logs no row (``trainer.log_every_n_steps``)."""
+        connector = trainer._logger_connector
+        if not trainer.loggers or not (connector.should_update_logs or stopping):
+            return None
+        metrics = convert_tensors_to_scalars(connector.metrics["log"])
+        if not metrics:
+            return None
+        metrics.setdefault("epoch", trainer.current_epoch)
+        return {"step": trainer.fit_loop.epoch_loop._batches_that_stepped, "metrics": metrics}
 
     def on_train_end(self, trainer, pl_module):
         if trainer.global_step != self._saved_step:
@@ -205,7 +236,7 @@ class LastCheckpoint(Checkpoint):
                                  device=pl_module.device)
             asked, due = (int(v) for v in trainer.strategy.reduce(local, reduce_op="max").tolist())
         if asked or due:
-            self.save(trainer)
+            self.save(trainer, row=self._row_logged_after_this_hook(trainer, stopping=bool(asked)))
         if asked:
             self.stop_signal.stop(asked)
 
@@ -214,12 +245,15 @@ class LastCheckpoint(Checkpoint):
             self.validated_step = trainer.global_step
             self.save(trainer)
 
-    def save(self, trainer) -> None:
+    def save(self, trainer, row: dict | None = None) -> None:
+        """Saves last.ckpt; ``row``: the metrics row not yet logged at this moment (None: all rows are logged)."""
         # a second save at the same step (after a validation) replaces last.ckpt: last.prev.ckpt stays an
         # earlier step, a fallback that differs from last.ckpt
         if trainer.is_global_zero and trainer.global_step != self._saved_step:
             run_dir.rotate_last(self.dirpath)
+        self._pending_row = row
         trainer.save_checkpoint(self.path, weights_only=False)
+        self._pending_row = None
         self._saved_step, self._last_save_time = trainer.global_step, time.monotonic()
 
 
@@ -367,6 +401,17 @@ class ResumableCSVLogger(CSVLogger):
             text.detach()
 
         run_dir.atomic_write(path, write)
+
+    @rank_zero_only
+    def has_row(self, step: int, metrics: dict[str, Any]) -> bool:
+        """Whether metrics.csv holds a row at ``step`` with any of the keys of ``metrics``."""
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not path.exists():
+            return False
+        with open(path, newline="") as f:
+            return any(r.get("step") and int(float(r["step"])) == step and any(r.get(k) not in (None, "")
+                                                                              for k in metrics)
+                       for r in csv.DictReader(f))
 
 
 class ResumableWandbLogger(WandbLogger):

@@ -38,18 +38,6 @@ def events(run: Path) -> list[tuple[str, int]]:
     return [(e["event"], e["step"]) for e in json.loads((run / "status.json").read_text())["history"]]
 
 
-def checkpoint_and_its_row(run: Path) -> int:
-    """The step of ``last.ckpt`` once metrics.csv also holds that step's row, else 0. (Lightning writes a step's
-    row just after the callbacks that save its checkpoint: a kill in between loses that one row, the documented
-    limit of docs/reliability.md, which tests/test_faults.py covers; this test is about what the resume does.)"""
-    step = checkpoint_step(run / "checkpoints" / "last.ckpt") or 0
-    try:
-        logged = [s for s, _ in read_metrics(run).get("train/loss", [])]
-    except Exception:  # not written yet, or a row being written
-        return 0
-    return step if logged and max(logged) >= step - 1 else 0
-
-
 def test_run_killed_mid_epoch_resumes_exactly_where_its_checkpoint_left_off(tmp_path, shared_data, make_cfg):
     # 117 batches per epoch; last.ckpt every 5 steps; validation every 50
     args = [*TRAIN, *tiny_data(tmp_path / "data", shared_data), "trainer.max_steps=300",
@@ -61,7 +49,7 @@ def test_run_killed_mid_epoch_resumes_exactly_where_its_checkpoint_left_off(tmp_
         proc = subprocess.Popen(cli, cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         deadline = time.monotonic() + 300
-        while checkpoint_and_its_row(run) < 10:
+        while (checkpoint_step(run / "checkpoints" / "last.ckpt") or 0) < 10:  # kill at once: before its row
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.05)
@@ -158,3 +146,28 @@ def test_rotation_keeps_last_checkpoint_in_place_until_the_next_one_replaces_it(
     assert run_dir.read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 10
     assert run_dir.read_checkpoint(tmp_path / "last.prev.ckpt")["global_step"] == 5  # a separate file now
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_row_lightning_logs_after_the_checkpoint_comes_back_on_resume(finished_run, make_cfg, tmp_path):
+    """A kill after last.ckpt is saved and before Lightning writes that step's metrics row (its next lines): the
+    checkpoint carries the row and the resumed run writes it; metrics.csv ends up as the uninterrupted run's."""
+    args, run = finished_run
+    copy = unfinished_copy(run, tmp_path)
+    checkpoints = copy / "checkpoints"
+    for suffix in ("", ".sha256"):  # the state of step 20, when last.ckpt was the step-20 one
+        os.replace(checkpoints / f"last.prev.ckpt{suffix}", checkpoints / f"last.ckpt{suffix}")
+    metrics = copy / "csv" / "metrics.csv"
+    lines = metrics.read_text().splitlines(keepends=True)
+    step_column = lines[0].rstrip("\r\n").split(",").index("step")
+    kept = [line for line in lines[1:] if int(float(line.split(",")[step_column])) < 19]
+    assert len(kept) < len(lines) - 1
+    metrics.write_text(lines[0] + "".join(kept))  # the step-19 row (logged after step 20's save) never written
+    results = train(make_cfg(*args, output_dir=copy))
+    assert events(copy)[-2:] == [("resumed", 20), ("done", 30)] and results["global_step"] == 30
+    assert read_metrics(copy)["train/loss"] == read_metrics(run)["train/loss"]
+    # resumed again, with the row present: it is not written twice
+    (copy / "DONE").unlink()
+    for suffix in ("", ".sha256"):
+        shutil.copy(checkpoints / f"last.prev.ckpt{suffix}", checkpoints / f"last.ckpt{suffix}")
+    train(make_cfg(*args, output_dir=copy))
+    assert read_metrics(copy)["train/loss"] == read_metrics(run)["train/loss"]
