@@ -31,7 +31,6 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssmlm import slurm
 from ssmlm.conf_dir import config_dir
-from ssmlm.data.files import sha256_of
+from ssmlm.data.files import atomic_file, sha256_of
 from ssmlm.data.tokenizers import tokenizer_from_dict
 from ssmlm.errors import CheckpointError, ConfigError, DataError, RunDirError
 
@@ -61,44 +60,21 @@ STATUS_FILE, RESULTS_FILE, DONE_FILE, LOCK_FILE = "status.json", "results.json",
 VOCAB_FILE, FINGERPRINT_FILE, CONFIG_FILE = "vocab.json", "fingerprint.json", "config.yaml"
 WANDB_ID_FILE, WANDB_STEP_FILE = "wandb_id.txt", "wandb_step.txt"
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 # --- writing ------------------------------------------------------------------------------------------------
 def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], None],
                  before_rename: Callable[[Path], None] | None = None) -> Path:
-    """Writes ``content`` (bytes, text, or a function writing to a binary file) to ``path`` through a temporary
-    file beside it, fsynced and renamed over the target: readers see the old file or the new one, never a part.
-    ``before_rename(temporary file)`` runs once the content is on disk, before it takes the name.
-
-    A full disk or an unwritable folder is raised as a :class:`RunDirError` naming the file (and the free space)."""
+    """Writes ``content`` (bytes, text, or a function writing to a binary file) to ``path`` atomically
+    (:func:`ssmlm.data.files.atomic_file`). A full disk or an unwritable folder is raised as a
+    :class:`RunDirError` naming the file (and the free space)."""
     path = Path(path)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path, before_rename) as f:
             if callable(content):
                 content(f)
             else:
                 f.write(content.encode("utf-8") if isinstance(content, str) else content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
-        if before_rename is not None:
-            before_rename(Path(tmp))
-        os.replace(tmp, path)
     except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise write_error(path, e) from e
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    for stray in path.parent.glob(f"{path.name}.*.tmp"):  # left by a process killed while writing
-        stray.unlink(missing_ok=True)
     return path
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import lzma
-import os
 from importlib import resources
 from pathlib import Path
 
-from ssmlm.data.files import CHUNK, directory_lock, sha256_of, user_cache_dir
+from ssmlm.data.files import CHUNK, atomic_file, directory_lock, sha256_of, user_cache_dir
 from ssmlm.errors import DataError
 
 PACKAGE_DIR = "ssmlm/data/builtin"
@@ -55,21 +54,16 @@ def extract(name: str, cache_dir: Path | None = None, key: str = "data.train_pat
         with directory_lock(dest.parent):
             if dest.is_file() and sha256_of(dest) == expected:  # another process decompressed it meanwhile
                 return dest
-            tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
             digest = hashlib.sha256()
-            try:
-                with _root().joinpath(f"{name}.xz").open("rb") as packed, lzma.open(packed) as src, \
-                        open(tmp, "wb") as out:
-                    while block := src.read(CHUNK):
-                        digest.update(block)
-                        out.write(block)
-                if digest.hexdigest() != expected:
+            with _root().joinpath(f"{name}.xz").open("rb") as packed, lzma.open(packed) as src, \
+                    atomic_file(dest) as out:
+                while block := src.read(CHUNK):
+                    digest.update(block)
+                    out.write(block)
+                if digest.hexdigest() != expected:  # raised inside: the copy never takes the name
                     raise DataError(f"the built-in {PACKAGE_DIR}/{name}.xz decompresses to sha256 "
                                     f"{digest.hexdigest()}, not {expected}: the installed package is damaged. "
                                     f"Reinstall ssmlm, or point {key} at your own copy.")
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
     except (OSError, lzma.LZMAError) as e:
         raise DataError(f"cannot decompress the built-in {name} into {dest.parent} ({e}). Set data.cache_dir "
                         f"(or SSMLM_CACHE_DIR) to a writable directory.") from None

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ssmlm.data.files import directory_lock, sha256_of, user_cache_dir
+from ssmlm.data.files import atomic_file, directory_lock, sha256_of, user_cache_dir
 from ssmlm.data.tokenizers import BOUNDARY_LINE, encode_bytes
 from ssmlm.errors import DataError
 
@@ -75,9 +74,8 @@ def _is_fresh(bin_path: Path, source: Path) -> bool:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        f.write((json.dumps(obj, indent=1) + "\n").encode())
 
 
 def tokenize_file(source: Path, bin_path: Path) -> int:
@@ -89,10 +87,9 @@ def tokenize_file(source: Path, bin_path: Path) -> int:
     size = source.stat().st_size
     digest = hashlib.sha256()
     num_tokens = 0
-    tmp = bin_path.with_name(f"{bin_path.name}.tmp{os.getpid()}")
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"tokenize {source.name}",
                disable=size < SHOW_PROGRESS_BYTES)
-    with open(source, "rb") as f, open(tmp, "wb") as out, bar:
+    with open(source, "rb") as f, atomic_file(bin_path) as out, bar:
         carry, at_line_start = b"", True
         while block := f.read(BLOCK):
             digest.update(block)
@@ -112,7 +109,6 @@ def tokenize_file(source: Path, bin_path: Path) -> int:
         tokens = encode_bytes(carry, at_line_start)
         out.write(tokens.tobytes())
         num_tokens += len(tokens)
-    os.replace(tmp, bin_path)
     st = source.stat()
     _write_json(_meta_path(bin_path), {
         "format": FORMAT, "source": str(source.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,

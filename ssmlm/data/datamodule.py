@@ -20,7 +20,6 @@ Under DDP, the training loader shards windows by rank itself: set ``Trainer(use_
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from ssmlm.data import byte_cache
 from ssmlm.data.download import resolve_files
+from ssmlm.data.files import atomic_file
 from ssmlm.data.text import FORMATS, line_cuts, read_text
 from ssmlm.data.tokenizers import ByteTokenizer, CharTokenizer, tokenizer_from_dict
 from ssmlm.data.windows import SAMPLING, TokenArray, make_loader
@@ -148,10 +148,8 @@ class TokenDataModule(L.LightningDataModule):
             return tokenizer
         tokenizer = build()
         if self.vocab_path is not None:
-            self.vocab_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.vocab_path.with_name(f"{self.vocab_path.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-            os.replace(tmp, self.vocab_path)
+            with atomic_file(self.vocab_path) as f:
+                f.write((json.dumps(tokenizer.to_dict(), ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
         return tokenizer
 
     @property

@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ssmlm.data import builtin_corpus
-from ssmlm.data.files import directory_lock, sha256_of, writable_dir
+from ssmlm.data.files import atomic_file, directory_lock, sha256_of, writable_dir
 from ssmlm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -170,9 +170,8 @@ def build_premchand(source: Mapping, progress: bool = True) -> None:
                             f"{expected[name]} ({len(names)} story files were listed). The downloaded stories are "
                             f"kept in {stories_dir}; delete that directory to fetch them again.")
     for name, data in assembled.items():
-        tmp = out_dir / f"{name}.part"
-        tmp.write_bytes(data)
-        os.replace(tmp, out_dir / name)
+        with atomic_file(out_dir / name) as f:
+            f.write(data)
     shutil.rmtree(stories_dir)
 
 

@@ -1,14 +1,46 @@
-"""File helpers shared by downloads, the built-in corpus and the token caches: hashing, locking, the cache dir."""
+"""File helpers shared by the run directory, downloads, the built-in corpus and the token caches: atomic writes,
+hashing, locking, the cache dir. (Here, below both ``ssmlm.data`` and ``ssmlm.run_dir``, so neither imports the other.)"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 CHUNK = 1 << 20
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, before_rename: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
+    """A binary file that takes the name ``path`` only when the block ends without error: it is written to a
+    temporary file beside ``path``, fsynced and renamed over it, so readers see the old file or the new one, never
+    a part. An error (or a check the block raises) removes the temporary file and leaves ``path`` as it was.
+    ``before_rename(temporary file)`` runs once the content is on disk, before it takes the name. A process
+    killed mid-write leaves ``<name>.<random>.tmp``: the next write of the same name removes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
+        if before_rename is not None:
+            before_rename(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for stray in path.parent.glob(f"{path.name}.*.tmp"):
+        stray.unlink(missing_ok=True)
 
 
 def sha256_of(path: Path) -> str:
