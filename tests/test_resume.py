@@ -171,3 +171,19 @@ def test_row_lightning_logs_after_the_checkpoint_comes_back_on_resume(finished_r
         shutil.copy(checkpoints / f"last.prev.ckpt{suffix}", checkpoints / f"last.ckpt{suffix}")
     train(make_cfg(*args, output_dir=copy))
     assert read_metrics(copy)["train/loss"] == read_metrics(run)["train/loss"]
+
+
+def test_rotation_on_a_filesystem_without_hard_links_renames(tmp_path, monkeypatch):
+    import errno
+
+    from ssmlm import run_dir
+
+    def no_links(*args):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    run_dir.save_checkpoint({"global_step": 5, "state_dict": {}, "hyper_parameters": {}}, tmp_path / "last.ckpt")
+    monkeypatch.setattr(run_dir.os, "link", no_links)
+    run_dir.rotate_last(tmp_path)
+    assert not (tmp_path / "last.ckpt").exists() and not (tmp_path / "last.ckpt.sha256").exists()
+    assert run_dir.read_checkpoint(tmp_path / "last.prev.ckpt")["global_step"] == 5
+    assert not list(tmp_path.glob("*.tmp"))
