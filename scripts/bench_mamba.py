@@ -21,6 +21,11 @@ machines). Speed targets live here, not in tests.
     python scripts/bench_mamba.py --parts CB --peers .peers --json $OUT/bench_mamba.json --record mamba_lm.json
     python scripts/bench_mamba.py --parts P --profile-config 34M --peers .peers     # where the step's time goes
     python scripts/bench_mamba.py --parts S        # the scan's bf16 launch configurations at the LM shapes
+    python scripts/bench_mamba.py --parts T --train-steps 300 -- experiment=tinystories_34m data.train_path=...
+
+* ``T``: ``ssmlm-train`` (the whole CLI: data loading, Lightning, logging, checkpoints) against a bare loop of
+  the same LightningModule's model and optimizer on random tokens, in one run: the framework's overhead as
+  ``train_vs_bare``. The trailing arguments are ssmlm-train overrides (default: ``experiment=tinystories_34m``).
 """
 
 from __future__ import annotations
@@ -334,7 +339,12 @@ def part_s(shapes=((8, 512, 16, 8192), (16, 1024, 16, 1024), (8, 1536, 16, 2048)
 
 
 def summary(result) -> None:
-    print("\n# training step (bf16 autocast): tokens/s, peak GiB; ratio to mamba_ssm")
+    if "train_vs_bare" in result:
+        r = result["train_vs_bare"]
+        print(f"\n# ssmlm-train {r['ssmlm_train_tok_s']:,} tok/s, bare loop {r['bare_loop_tok_s']:,} tok/s: "
+              f"{r['train_vs_bare']:.3f}x ({' '.join(r['overrides'])}, {r['precision']})")
+    if result.get("lm_train"):
+        print("\n# training step (bf16 autocast): tokens/s, peak GiB; ratio to mamba_ssm")
     by_config = {}
     for r in result.get("lm_train", []):
         by_config.setdefault(r["config"], {})[r["model"]] = r
@@ -349,9 +359,72 @@ def summary(result) -> None:
                 ratio = (f"  speed {r['tok_per_s'] / peer['tok_per_s']:.2f}x  memory "
                          f"{r['peak_GiB'] / peer['peak_GiB']:.2f}x")
             print(f"  {config:5s} {kind:16s} {r['tok_per_s']:>10,} tok/s  {r['peak_GiB']:6.2f} GiB{ratio}")
-    print("\n# decoding, 91M model: tokens/s")
+    if result.get("decode"):
+        print("\n# decoding, 91M model: tokens/s")
     for r in result.get("decode", []):
         print(f"  B{r['batch']:<3d} {r['model']:42s} {r.get('tok_per_s', r.get('error'))}")
+
+
+def part_t(overrides: list[str], steps: int, bare_steps: int = 20) -> dict:
+    """ssmlm-train's training tokens/s (``results.json``: the intervals between steps, validation and the first
+    steps left out) against a bare loop of the model and optimizer that run's checkpoint rebuilds, same batch,
+    sequence length, precision and gradient accumulation, on random tokens already on the device."""
+    import subprocess
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from ssmlm import resolvers
+    from ssmlm.lm import LMModule, build_param_groups, warmup_cosine
+
+    resolvers.register()  # the saved config's ${ssmlm.*} interpolations (micro-batch, accumulation, precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "ssmlm.train", *overrides, f"trainer.max_steps={steps}",
+               "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+               "logger=csv", "trainer.enable_progress_bar=false",
+               "test_after_fit=false", f"hydra.run.dir={tmp}"]
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        results = json.loads((Path(tmp) / "results.json").read_text())
+        cfg = OmegaConf.load(Path(tmp) / "config.yaml")
+        hparams = torch.load(Path(tmp) / "checkpoints" / "last.ckpt", map_location="cpu",
+                             weights_only=False)["hyper_parameters"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module = LMModule(**hparams).to(device).train()
+    module.configure_model()
+    o = hparams["optim"]
+    opt = torch.optim.AdamW(build_param_groups(module.model, o["lr"], o["weight_decay"]), lr=o["lr"],
+                            betas=tuple(o.get("betas", (0.9, 0.999))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, 0, steps, 0.1))
+    precision = str(cfg.trainer.precision)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    batch, L = int(cfg.data.batch_size), int(cfg.data.seq_len)
+    tokens = torch.randint(0, hparams["vocab_size"], (accumulate, batch, L + 1), device=device)
+
+    def step():
+        for micro in tokens:
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = module._loss(module(micro[:, :-1]), micro[:, 1:]) / accumulate
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        schedule.step()
+
+    for _ in range(3):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(bare_steps):
+        step()
+    sync()
+    bare = accumulate * batch * L * bare_steps / (time.perf_counter() - t0)
+    row = dict(overrides=overrides, precision=precision, batch=batch, L=L, accumulate=accumulate,
+               params_M=round(results["params"] / 1e6, 2), train_steps=steps,
+               ssmlm_train_tok_s=round(results["train_tokens_per_s"]), bare_loop_tok_s=round(bare))
+    row["train_vs_bare"] = round(row["ssmlm_train_tok_s"] / row["bare_loop_tok_s"], 3)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def records(result) -> list[dict]:
@@ -403,12 +476,16 @@ def main():
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--json", type=Path, help="every row measured")
     p.add_argument("--record", type=Path, help="the summary rows (docs/benchmarks/mamba_lm.json's format)")
+    p.add_argument("--train-steps", type=int, default=300, help="part T: ssmlm-train's steps")
+    p.add_argument("train_overrides", nargs="*", default=["experiment=tinystories_34m"],
+                   help="part T: ssmlm-train overrides (after --)")
     args = p.parse_args()
     import triton
 
-    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "triton": triton.__version__}
-    mamba_ssm = import_mamba_ssm(args.peers)
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "triton": triton.__version__}
+    mamba_ssm = import_mamba_ssm(args.peers) if set(args.parts) & set("BCP") else None
     print(json.dumps(result), flush=True)
     for part in args.parts:
         t0 = time.time()
@@ -420,6 +497,8 @@ def main():
             result["scan_configs"] = part_s()
         elif part == "C":
             result["decode"] = part_c(mamba_ssm, args.decode_batches)
+        elif part == "T":
+            result["train_vs_bare"] = part_t(args.train_overrides, args.train_steps)
         print(f"# part {part} took {time.time() - t0:.0f} s", flush=True)
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
