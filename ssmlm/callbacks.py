@@ -210,14 +210,20 @@ class LastCheckpoint(Checkpoint):
         """The step's metrics row exactly as Lightning's logger connector logs it once the on_train_batch_end
         hooks return (the same metrics, ``epoch`` added, at step ``_batches_that_stepped``), or None when this
         step logs no row (``trainer.log_every_n_steps``)."""
-        connector = trainer._logger_connector
-        if not trainer.loggers or not (connector.should_update_logs or stopping):
+        try:  # Lightning's private logger connector: another Lightning version may lack it
+            connector = trainer._logger_connector
+            if not trainer.loggers or not (connector.should_update_logs or stopping):
+                return None
+            metrics = convert_tensors_to_scalars(connector.metrics["log"])
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        except (AttributeError, KeyError) as e:
+            log.warning("cannot keep this step's metrics row in the checkpoint with this Lightning version (%s): "
+                        "a kill right after this checkpoint may lose that one row", e)
             return None
-        metrics = convert_tensors_to_scalars(connector.metrics["log"])
         if not metrics:
             return None
         metrics.setdefault("epoch", trainer.current_epoch)
-        return {"step": trainer.fit_loop.epoch_loop._batches_that_stepped, "metrics": metrics}
+        return {"step": step, "metrics": metrics}
 
     def on_train_end(self, trainer, pl_module):
         if trainer.global_step != self._saved_step:
