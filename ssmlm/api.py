@@ -69,7 +69,7 @@ def create_model(architecture: str, ssm_layer: str | None = None, d_model: int =
         core = {k: layer.pop(k) for k in list(layer) if k not in params}
         if core:
             model["ssm_kwargs"] = {**model.get("ssm_kwargs", {}), **core}
-    if layer.get("bidirectional") or model.get("ssm_kwargs", {}).get("bidirectional"):
+    if any(options.get("bidirectional") for options in (layer, model, model.get("ssm_kwargs", {}))):
         model.setdefault("causal", False)
     width = {"diag_ssm": "ssm_hidden"}.get(architecture, "d_model")
     model.update({width: d_model, "n_layers": num_layers, "vocab_size": vocab_size, **layer})

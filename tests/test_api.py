@@ -157,3 +157,17 @@ def test_layers_take_the_seed_keyword_names():
     for refused in (lambda: ssmlm.MambaLayer(8, 4, bidirectional=True), lambda: ssmlm.S5Layer(8, 4, init_method="lin")):
         with pytest.raises(ConfigError):
             refused()
+
+
+def test_bidirectional_given_as_a_model_keyword_builds_the_non_causal_model():
+    for kwargs in ({"bidirectional": True}, {"architecture_kwargs": {"bidirectional": True}}):
+        model = ssmlm.create_model("s4d", d_model=8, d_state=4, num_layers=1, vocab_size=11, **kwargs)
+        assert not model.causal
+
+
+def test_a_layer_setting_written_through_the_layer_reaches_the_core_that_reads_it():
+    layer = ssmlm.S4Layer(4, 8, kernel_chunk=6)
+    layer.kernel_chunk = None
+    assert layer.mixer.ssm.kernel_chunk is None and "kernel_chunk" not in vars(layer)
+    layer.extra = torch.nn.Linear(2, 2)  # modules stay the layer's own
+    assert "extra" in layer._modules and not hasattr(layer.mixer, "extra")

@@ -67,3 +67,12 @@ def test_config_matches_reference_param_count(vocab):
         reference = vocab * e + e * h + n * (h * h + 6 * h) + h * vocab + vocab
         assert 0.85 < model.num_params() / reference < 1.15, (h, model.num_params(), reference)
         assert isinstance(model, H3LM) and len(model.blocks) == n
+
+
+@pytest.mark.parametrize("ssm_layer", ["s4d", "s4"])
+def test_null_ssm_lr_and_kernel_chunk_reach_the_core(ssm_layer):
+    """null is a value here (the global lr; kernels all at once), not "the core's default"."""
+    core = H3LM(17, 8, 1, d_state=4, ssm_layer=ssm_layer, ssm_lr=None, kernel_chunk=None).blocks[0].mixer.ssm
+    assert core.kernel_chunk is None and "lr" not in core.log_dt._optim
+    core = H3LM(17, 8, 1, d_state=4, ssm_layer=ssm_layer).blocks[0].mixer.ssm
+    assert core.kernel_chunk == 1024 and core.log_dt._optim["lr"] == 1e-3

@@ -31,7 +31,6 @@ from ssmlm.models.base import LanguageModel, set_optim
 from ssmlm.ops.selective_scan import resolve_backend
 
 
-
 class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` (same parameters) computed in one pass by the Triton kernel (ssmlm.ops.rms_norm) where the
     Triton kernels run, with its output in the autocast dtype as the next matmul reads it."""
@@ -81,16 +80,35 @@ class SequenceLayer(nn.Module):
         self.mixer = mixer
         self.dropout = nn.Dropout(dropout)  # on the output (layers whose mixer has none inside)
 
+    def _owner_of(self, name: str) -> nn.Module | None:
+        """The mixer, else its SSM core, when it has attribute ``name`` and this layer has none of its own."""
+        d = self.__dict__
+        if name in d or any(name in d.get(k, {}) for k in ("_parameters", "_buffers", "_modules")):
+            return None
+        mixer = d.get("_modules", {}).get("mixer")  # none yet while constructing or unpickling
+        for owner in (mixer, None if mixer is None else mixer._modules.get("ssm")):  # e.g. layer.kernel(L)
+            if owner is not None and hasattr(owner, name):
+                return owner
+        return None
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             pass
-        mixer = self.__dict__.get("_modules", {}).get("mixer")  # none yet while unpickling
-        for owner in (mixer, None if mixer is None else mixer._modules.get("ssm")):  # the mixer's, else its SSM core's (layer.kernel(L))
-            if owner is not None and hasattr(owner, name):
-                return getattr(owner, name)
-        raise AttributeError(f"{type(self).__name__} (and its mixer) has no attribute {name!r}")
+        owner = self._owner_of(name)
+        if owner is None:
+            raise AttributeError(f"{type(self).__name__} (and its mixer) has no attribute {name!r}")
+        return getattr(owner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # a setting of the mixer or its core (layer.kernel_chunk = None) is set there, where it is read; modules
+        # and tensors assigned to the layer stay the layer's own
+        owner = None if isinstance(value, (nn.Module, torch.Tensor)) else self._owner_of(name)
+        if owner is not None:
+            setattr(owner, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.mixer(x, need_state=False)[0])

@@ -56,7 +56,9 @@ class RealDiagonalSSM(Mixer):
         return torch.sigmoid(self.a_raw) if self.a_param == "stable" else self.a_raw
 
     def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, need_state: bool = True):
-        """u: (batch, L, H) -> (y, last state (batch, H) fp32)."""
+        """u: (batch, L, H) -> (y, last state (batch, H) fp32, or None when not ``need_state``)."""
+        if not need_state:  # training: the last state costs an extra pass over (batch, L, H)
+            return diag_scan(u, self.a, self.b, self.c, x0=state, backend=self.backend), None
         return diag_scan(u, self.a, self.b, self.c, x0=state, return_last_state=True, backend=self.backend)
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
@@ -82,7 +84,7 @@ class DiagSSMMixer(RealDiagonalSSM):
         return F.gelu(self.out_norm(y + self.out_bias))
 
     def forward(self, x: torch.Tensor, state=None, need_state: bool = True):
-        y, state = super().forward(self.in_proj(x), state)
+        y, state = super().forward(self.in_proj(x), state, need_state)
         return self._output(y), state
 
     def step(self, x: torch.Tensor, state):

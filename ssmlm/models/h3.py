@@ -50,8 +50,9 @@ class H3Mixer(Mixer):
         if ssm_layer == "diag":
             ssm_kwargs = dict(ssm_kwargs)
         else:
-            ssm_kwargs = dict(init=init, dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr, kernel_chunk=kernel_chunk,
-                              **ssm_kwargs)
+            ssm_kwargs = dict(dt_min=dt_min, dt_max=dt_max, ssm_lr=ssm_lr, kernel_chunk=kernel_chunk, **ssm_kwargs)
+            if init is not None:  # None: the core's own default
+                ssm_kwargs["init"] = init
             if ssm_layer == "s4d":
                 ssm_kwargs.setdefault("c_std", 1 / math.sqrt(d_state // 2))
         self.ssm = make_lti_core(ssm_layer, d_model, d_state, **ssm_kwargs)

@@ -21,10 +21,9 @@ LTI_CORES = {"diag": RealDiagonalSSM, "s4d": DiagonalSSM, "s4": DPLRSSM}
 
 def make_lti_core(kind: str, d_model: int, d_state: int, **kwargs) -> Mixer:
     """The ``kind`` core for ``d_model`` channels; ``d_state`` is N (the diag core's is 1 and takes none).
-    ``kwargs`` go to the core's constructor; None values leave its defaults."""
+    ``kwargs`` go to the core's constructor as they are (None is a value: ``ssm_lr=None`` is the global lr)."""
     if kind not in LTI_CORES:
         raise ConfigError(f"model.ssm_layer={kind!r}: use one of {', '.join(LTI_CORES)}")
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if kind == "diag":
         return RealDiagonalSSM(d_model, **kwargs)
     return LTI_CORES[kind](d_model, d_state, **kwargs)

@@ -176,7 +176,6 @@ class TransformerLM(AttentionLM):
             make_mlp=lambda i: feed_forward(d_model, mlp_ratio * d_model, dropout), dropout=dropout,
             max_positions=max_seq_len if pos_emb == "learned" else None, embed_dropout=dropout,
             tie_embeddings=tie_embeddings)
-        self.pos_emb, self.n_heads, self.head_dim = pos_emb, n_heads, head_dim
         self._init_weights(n_layers)
 
     def _init_weights(self, n_layers: int):
