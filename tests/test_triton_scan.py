@@ -159,6 +159,10 @@ INTERPRETER_SCRIPT = """
     ts.CONFIG = ts.ScanConfig(t_chunk=8, fwd_block_d=4, bwd_block_d=2)
     inputs = make_inputs(1, 3, 2, 13, variable_C=False, with_initial=True)
     assert_matches(ts.selective_scan_triton, inputs, True, True, torch.float32)
+    strided = lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731 - time stride != 1
+    inputs = make_inputs(2, 5, 3, 11)
+    assert_matches(ts.selective_scan_triton, inputs, True, False, torch.float32,
+                   views={k: strided for k in ("u", "delta", "z", "B", "C")})
     print("ok")
 """
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ssmlm.ops.triton_scan import _sigmoid
+
 
 def causal_conv1d_ref(x, weight, bias=None, silu=True, initial_state=None):
     """x (batch, dim, L), weight (dim, W), bias (dim,), initial_state (batch, dim, W-1) the inputs before
@@ -42,11 +44,6 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, silu=True):
         out = out + bias.to(work)
     out = F.silu(out) if silu else out
     return out.to(x.dtype), window[..., 1:]
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
 
 
 @triton.jit
@@ -113,9 +110,7 @@ def _conv_bwd_kernel(
             m = channel_mask[:, None] & (src < L)[None, :]
             g = tl.load(g_rows + src[None, :] * stride_g_l, mask=m, other=0.0).to(tl.float32)
             if SILU:
-                pre = _conv_at(x_rows, w_rows, bias, t, j, channel_mask, L, stride_x_l, W, HAS_BIAS)
-                sig = _sigmoid(pre)
-                g = g * sig * (1.0 + pre * (1.0 - sig))
+                g = _silu_grad(g, _conv_at(x_rows, w_rows, bias, t, j, channel_mask, L, stride_x_l, W, HAS_BIAS))
             wj = tl.load(w_rows + (W - 1 - j), mask=channel_mask, other=0.0).to(tl.float32)
             dx += wj[:, None] * g
             if j == 0:  # the pre-activation gradient of this tile's own steps: dw and db

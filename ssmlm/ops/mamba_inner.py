@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ssmlm.ops.causal_conv1d import causal_conv1d_update, conv_backward, conv_forward
-from ssmlm.ops.triton_scan import scan_backward, scan_forward
+from ssmlm.ops.triton_scan import _sigmoid, _softplus, scan_backward, scan_forward
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -163,7 +163,7 @@ def _state_update_kernel(
     x = tl.load(x_ptr + batch * stride_x_b + channels, mask=cm, other=0.0).to(tl.float32)
     dt = tl.load(dt_ptr + batch * stride_dt_b + channels, mask=cm, other=0.0).to(tl.float32)
     dt += tl.load(bias_ptr + channels, mask=cm, other=0.0).to(tl.float32)
-    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))  # softplus
+    dt = _softplus(dt)
     A = tl.load(A_ptr + channels[:, None] * stride_A_d + n[None, :], mask=m2, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + batch * stride_B_b + n, mask=nm, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + batch * stride_C_b + n, mask=nm, other=0.0).to(tl.float32)
@@ -173,7 +173,7 @@ def _state_update_kernel(
     y = tl.sum(s * Cv[None, :], axis=1) + tl.load(D_ptr + channels, mask=cm, other=0.0).to(tl.float32) * x
     if HAS_Z:
         z = tl.load(z_ptr + batch * stride_z_b + channels, mask=cm, other=0.0).to(tl.float32)
-        y = y * z / (1.0 + tl.exp(-z))
+        y = y * z * _sigmoid(z)
     tl.store(y_ptr + batch * stride_y_b + channels, y, mask=cm)
 
 

@@ -48,9 +48,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     check_backend(backend)
     if backend != "auto":
         return backend
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 and _triton_scan() is not None:
-        return "triton"
-    return "chunked"
+    if device.type != "cuda":
+        return "chunked"
+    return _auto_on_gpu(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _auto_on_gpu(index: int) -> str:
+    """``auto`` on GPU ``index``, decided once: every layer asks on every forward and decoding step."""
+    return "triton" if torch.cuda.get_device_capability(index)[0] >= 8 and _triton_scan() is not None else "chunked"
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -433,6 +433,8 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_sta
 class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state):
+        # the time-contiguous copies (if any) are made once and saved: the backward reads them as they are
+        u, delta, z, B, C = (_time_contiguous(t) for t in (u, delta, z, B, C))
         y, chunk_states = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states)
         ctx.delta_softplus = bool(delta_softplus)
