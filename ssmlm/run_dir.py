@@ -149,6 +149,10 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
 
     atomic_write(path, lambda f: torch.save(checkpoint, f), before_rename=vouch_for_both)
     write_json(digest_file(path), {"accepted": [new]})
+    # what a process killed while saving this checkpoint (or its digest) left: checkpoints have one writer,
+    # rank 0 under the run's lock, so no other save is under way
+    for stray in path.parent.glob(f"{path.name}.*.tmp"):
+        stray.unlink(missing_ok=True)
     return path
 
 

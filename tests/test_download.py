@@ -28,7 +28,6 @@ class FileServer:
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
-        self.ignore_range = False
         self.cut_after: int | None = None  # close the connection after this many body bytes, once
         server = self
 
@@ -55,7 +54,7 @@ class FileServer:
                 if body is None:
                     self.send_error(404, "Not Found")
                     return
-                start = int(rng.split("=")[1].split("-")[0]) if rng and not server.ignore_range else 0
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
                 if start >= len(body) and rng:
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(body)}")
@@ -224,6 +223,19 @@ def test_hub_error_names_the_file_and_the_local_fix(server, tmp_path):
     assert not dest.exists()
 
 
+def test_hub_download_with_the_wrong_checksum_is_removed_on_arrival(server, tmp_path):
+    server.files[HF_FILE] = PAYLOAD
+    dest = tmp_path / "stories-train.txt"
+    source = {"path": str(dest), "hf_repo": "owner/stories", "endpoint": server.base, "sha256": "0" * 64}
+    with pytest.raises(DataError, match="(?s)owner/stories.*sha256.*removed"):
+        resolve_files({"data.train_path": dest}, [source], download=True, progress=False)
+    assert not dest.exists()
+    source["sha256"] = hashlib.sha256(PAYLOAD).hexdigest()
+    assert resolve_files({"data.train_path": dest}, [source], download=True, progress=False) == {
+        "data.train_path": dest}
+    assert dest.read_bytes() == PAYLOAD
+
+
 def tinystories_like(n: int) -> bytes:
     return "".join(f"Story {i}: once upon a time a cat sat.\n<|endoftext|>\n" for i in range(n)).encode()
 
@@ -289,7 +301,7 @@ def test_cli_default_data_without_a_data_dir_trains_on_the_builtin_corpus(tmp_pa
 
 
 def test_builtin_corpus_matches_the_published_split():
-    """The shipped files are the split of SOURCES.md (the sha256 that data=indic_chars's recipe expects)."""
+    """The shipped files are the split of ssmlm/data/builtin/README.md (the sha256 that data=indic_chars's recipe expects)."""
     import yaml
 
     conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/data/indic_chars.yaml").read_text())
@@ -352,7 +364,7 @@ STORIES = {f"story-{i:03d}.txt": f"  \r\nकहानी {i}: पहली प�
 
 
 def expected_splits() -> dict[str, bytes]:
-    """The split rule of SOURCES.md, written out independently of the code under test."""
+    """The split rule of ssmlm/data/builtin/README.md, written out independently of the code under test."""
     parts = {"train.txt": [], "valid.txt": [], "test.txt": []}
     for i, name in enumerate(sorted(STORIES)):
         text = STORIES[name].replace("\r\n", "\n").strip()
@@ -392,7 +404,7 @@ def test_premchand_recipe_with_wrong_hash_writes_nothing(server, tmp_path):
 
 
 def test_premchand_split_rule_matches_sources_md():
-    """The first 99 story files of the real repository (in listing order) land where SOURCES.md says."""
+    """The first 99 story files of the real repository (in listing order) land where ssmlm/data/builtin/README.md says."""
     names = """aabhushan aadhar aap-beeti adarsh-virodh adhikar-chinta agni-samadhi akhiri-heela algyojha
     amawasya-ki-raat ansuon-ki-holi anubhav atmaram atmsangeet baasi-bhaat-mein-khuda-ka-sajha baba-ji-ka-bhog
     bade-bhaisahab bade-ghar-ki-beti bahishkar balak balidan bank-ka-diwala baudam beti-ka-dhan beton-wali-vidhva

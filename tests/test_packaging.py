@@ -6,13 +6,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from ssmlm.conf_dir import config_dir
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 LOGGERS = sorted(p.stem for p in (REPO / "conf" / "logger").glob("*.yaml"))

@@ -82,32 +82,32 @@ def download_hf(repo: str, filename: str, dest: Path, revision: str | None = Non
     ``.cache/huggingface/`` there and resuming it next time; ``dest`` appears only when complete.
     """
     import huggingface_hub
-    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import utils as hf_utils  # its errors and progress switches, in every 0.2x-2.x release
 
     dest = Path(dest)
     if Path(filename).name != dest.name:
         raise DataError(f"the source of {dest} downloads {filename} from {repo}: the file names must match "
                         f"(check data.sources).")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    silence = not progress and not hf_utils.are_progress_bars_disabled()
+    if silence:
+        hf_utils.disable_progress_bars()
     try:
         got = huggingface_hub.hf_hub_download(
-            repo, filename, repo_type=repo_type, revision=revision, local_dir=dest.parent, endpoint=endpoint,
-            tqdm_class=None if progress else _SilentBar)
-    except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError) as e:
+            repo, filename, repo_type=repo_type, revision=revision, local_dir=dest.parent, endpoint=endpoint)
+    except (hf_utils.OfflineModeIsEnabled, hf_utils.LocalEntryNotFoundError) as e:
         raise DataError(f"could not download {dest} from the Hugging Face Hub ({repo}, {filename}): offline "
                         f"({type(e).__name__}). {LOCAL_FILES_HINT}") from None
-    except (hf_errors.HfHubHTTPError, OSError) as e:
+    except (hf_utils.HfHubHTTPError, OSError) as e:
         raise DataError(f"could not download {dest} from the Hugging Face Hub ({repo}, {filename}): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. {LOCAL_FILES_HINT}") from None
+    finally:
+        if silence:
+            hf_utils.enable_progress_bars()
     got = Path(got)
     if got.resolve() != dest.resolve():  # a subfolder in `filename`: move it to where the config expects it
         os.replace(got, dest)
     return dest
-
-
-class _SilentBar(tqdm):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{**kwargs, "disable": True})
 
 
 def check_file(path: Path, sha256: str | None) -> None:
@@ -131,7 +131,7 @@ def premchand_split(names: Sequence[str]) -> dict[str, list[str]]:
 
 
 def build_premchand(source: Mapping, progress: bool = True) -> None:
-    """Assemble the Premchand train/valid/test split (see shared/data/SOURCES.md) from its GitHub repo.
+    """Assemble the Premchand train/valid/test split (see ssmlm/data/builtin/README.md) from its GitHub repo.
 
     The story files ``input/<story>.txt`` at the pinned commit are sorted by file name and numbered from 0;
     story i goes to valid if i % 10 == 8, to test if i % 10 == 9, else to train. Each story is decoded as
@@ -209,6 +209,11 @@ def _fetch(source: Mapping, path: Path, progress: bool) -> None:
         download_hf(source["hf_repo"], source.get("hf_file") or path.name, path, revision=source.get("revision"),
                     repo_type=source.get("repo_type", "dataset"), endpoint=source.get("endpoint"),
                     progress=progress)
+        expected = source.get("sha256")
+        if expected and (actual := sha256_of(path)) != expected.lower():  # checked on arrival, as URLs are
+            path.unlink()
+            raise DataError(f"{path} as downloaded from {source['hf_repo']} has sha256 {actual}, not the {expected} "
+                            f"data.sources names for it; it was removed. Check the source's revision and sha256.")
     else:
         download_url(source["url"], path, source.get("sha256"), progress=progress)
 

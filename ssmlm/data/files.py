@@ -23,7 +23,8 @@ def atomic_file(path: str | Path, before_rename: Callable[[Path], None] | None =
     temporary file beside ``path``, fsynced and renamed over it, so readers see the old file or the new one, never
     a part. An error (or a check the block raises) removes the temporary file and leaves ``path`` as it was.
     ``before_rename(temporary file)`` runs once the content is on disk, before it takes the name. A process
-    killed mid-write leaves ``<name>.<random>.tmp``: the next write of the same name removes it."""
+    killed mid-write leaves ``<name>.<random>.tmp`` behind; only a file's single writer may remove such strays
+    (:func:`ssmlm.run_dir.save_checkpoint` does): another process may be writing its own at this moment."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -39,8 +40,6 @@ def atomic_file(path: str | Path, before_rename: Callable[[Path], None] | None =
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for stray in path.parent.glob(f"{path.name}.*.tmp"):
-        stray.unlink(missing_ok=True)
 
 
 def sha256_of(path: Path) -> str:
