@@ -63,7 +63,6 @@ def is_multirun() -> bool:
     return hc is not None and hc.get("mode") == RunMode.MULTIRUN
 
 
-# --- resuming ------------------------------------------------------------------------------------------------
 def instantiate(node, **kwargs):
     """hydra.utils.instantiate, with an SsmlmError raised by the constructor passed on as it is (Hydra wraps it)."""
     try:
@@ -77,6 +76,7 @@ def instantiate(node, **kwargs):
         raise
 
 
+# --- resuming ------------------------------------------------------------------------------------------------
 def check_fingerprint(cfg: DictConfig, run: RunDir, recorded: dict | None, current: dict) -> None:
     """Refuses to resume a run whose recorded fingerprint differs from this command's (unless force_resume),
     listing the differing keys. Nothing has been written into the run dir when this refuses."""
@@ -175,8 +175,7 @@ def make_loggers(cfg: DictConfig, output_dir: Path, params: int, resume: Resume 
         if resume and resume.info.get("wandb_id") and not id_file.exists():
             atomic_write(id_file, resume.info["wandb_id"] + "\n")  # the run dir lost it; the checkpoint kept it
         group = node.get("group") or (cfg.get("sweep_name") if is_multirun() else cfg.get("run_name"))
-        logger = instantiate(node, group=group, tags=run_tags(cfg),
-                                         name=node.get("name") or output_dir.name)
+        logger = instantiate(node, group=group, tags=run_tags(cfg), name=node.get("name") or output_dir.name)
         logger.log_hyperparams({"params": params, **OmegaConf.to_container(cfg, resolve=True)})  # rank 0 only
         loggers.append(logger)
     return loggers
