@@ -206,13 +206,14 @@ class LastCheckpoint(Checkpoint):
             self._restored_row = None
 
     @staticmethod
-    def _row_logged_after_this_hook(trainer, stopping: bool) -> dict | None:
+    def _row_logged_after_this_hook(trainer) -> dict | None:
         """The step's metrics row exactly as Lightning's logger connector logs it once the on_train_batch_end
         hooks return (the same metrics, ``epoch`` added, at step ``_batches_that_stepped``), or None when this
-        step logs no row (``trainer.log_every_n_steps``)."""
+        step logs no row (``trainer.log_every_n_steps``). A stop signal's save never gets there (the process
+        leaves from this hook), so its step's row, if one is due, comes back only this way."""
         try:  # Lightning's private logger connector: another Lightning version may lack it
             connector = trainer._logger_connector
-            if not trainer.loggers or not (connector.should_update_logs or stopping):
+            if not trainer.loggers or not connector.should_update_logs:
                 return None
             metrics = convert_tensors_to_scalars(connector.metrics["log"])
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
@@ -242,7 +243,7 @@ class LastCheckpoint(Checkpoint):
                                  device=pl_module.device)
             asked, due = (int(v) for v in trainer.strategy.reduce(local, reduce_op="max").tolist())
         if asked or due:
-            self.save(trainer, row=self._row_logged_after_this_hook(trainer, stopping=bool(asked)))
+            self.save(trainer, row=self._row_logged_after_this_hook(trainer))
         if asked:
             self.stop_signal.stop(asked)
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from slurm_cluster import LocalSlurm, missing
+from ssmlm.plots import read_metrics
 from ssmlm.sweep import cell_dirs, read_status
 from tiny_runs import REPO, TINY, cli_env, command, run_cli, tiny_data
 from wandb_records import history, offline_runs, run_info
@@ -117,6 +118,9 @@ def test_preempted_jobs_come_back_resume_and_finish_then_a_relaunch_skips_them(c
             # session's last rows (the CSV keeps them); whatever it wrote must still lie before the resume point
             assert not first_session or max(first_session) < resumed_at, (how, first_session, resumed_at)
         assert resumed_at <= history(files[1])[0]["_step"]
+        # the CSV holds every row an uninterrupted run logs (trainer.log_every_n_steps=2: steps 1, 3, ..., 79),
+        # once: also the one due at the step the signal stopped, which the stop left to the resumed run
+        assert [s for s, _ in read_metrics(cell)["train/loss"]] == list(range(1, 80, 2)), how
         # the run as wandb knows it; after SLURM's SIGTERM the first session's service may have died before
         # writing even its run record, so the requeued cell reads it from the session that came back
         info = run_info(files[0] if how == "USR2" else files[1])
